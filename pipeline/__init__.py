@@ -1,0 +1,1 @@
+"""RSHNL: robust self-paced cross-modal hashing with noisy labels."""

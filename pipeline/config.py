@@ -1,0 +1,169 @@
+"""One typed training config: defaults, YAML, command-line overrides and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.losses import ell_max
+
+log = logging.getLogger(__name__)
+
+NUM_MODALITIES = 2
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs, from CLI/YAML to every worker and Tune trial.
+
+    Defaults are the paper's and its authors' implementation's (Wikipedia: alpha 0.05, gamma 3).
+    """
+
+    dataset: str = ""
+    # model (authors' implementation: d→4096→4096→L heads and K→4096→4096→L center network)
+    bits: int = 128
+    hidden_dim: int = 4096
+    feature_norm: str = "standardize"  # "standardize" (train-split mean/std) or "none"
+    # objective (Eq 2–12)
+    gamma: float = 3.0  # learning pace γ of Eq 8/12, must satisfy 0 < γ (< ℓmax, Eq 14)
+    alpha: float = 0.05  # weight of L_C in Eq 9
+    r: float = 0.01  # robustness factor r of Eq 3/6/7
+    tau: float = 1.0  # temperature τ of Eq 2/4
+    warmup_epochs: int = 5  # N_w of Eq 9
+    chl_exclude_self: bool = False  # Eq 2 as written includes j = m; True as in the authors' code
+    # optimisation
+    epochs: int = 150
+    batch_size: int = 256  # global batch; each of W workers gets batch_size // W
+    lr: float = 1e-4
+    seed: int = 0
+    shuffle_buffer: int = 4096  # rows shuffled locally by each worker per epoch
+    data_cache_max_bytes: int = 2 << 30  # train splits up to this size are cached in Ray's store
+    # execution
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_failures: int = 0
+    eval_batch_size: int = 2048
+    center_sync_check_every: int = 0  # >0: all-gather a center checksum every N steps and assert
+    storage_path: str = "runs"  # Ray Train run storage (local path or s3://)
+    # tracking
+    experiment_name: str = "rshnl"
+    run_name: str = ""
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite in the working directory
+    registered_model_name: str = "rshnl"
+    register_model: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raise ConfigError naming the first bad key."""
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"config '{key}' = {getattr(self, key)!r}: {msg}")
+
+        need(bool(self.dataset), "dataset", "a dataset URI is required (STORE/NAME/vN)")
+        need(self.bits > 0, "bits", "must be a positive number of bits")
+        need(self.hidden_dim > 0, "hidden_dim", "must be positive")
+        need(
+            self.feature_norm in ("standardize", "none"),
+            "feature_norm",
+            "must be 'standardize' or 'none'",
+        )
+        need(self.gamma > 0, "gamma", "the learning pace γ must be > 0 (Eq 12)")
+        need(0 < self.r <= 1, "r", "must be in (0, 1] (Eq 6)")
+        need(self.alpha >= 0, "alpha", "must be ≥ 0")
+        need(self.tau > 0, "tau", "must be > 0")
+        need(self.warmup_epochs >= 0, "warmup_epochs", "must be ≥ 0")
+        need(self.epochs > 0, "epochs", "must be ≥ 1")
+        need(self.batch_size > 0, "batch_size", "must be ≥ 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.workers >= 1, "workers", "must be ≥ 1")
+        need(self.batch_size >= self.workers, "batch_size", "must be at least the worker count")
+        need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        need(self.max_failures >= 0, "max_failures", "must be ≥ 0")
+        need(self.shuffle_buffer >= 0, "shuffle_buffer", "must be ≥ 0")
+        need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")
+        need(self.center_sync_check_every >= 0, "center_sync_check_every", "must be ≥ 0")
+        bound = ell_max(self.r, NUM_MODALITIES)
+        if self.gamma >= bound:
+            log.warning(
+                "gamma=%g ≥ ℓmax(r=%g)=%.4g (Eq 14): every pair keeps a positive weight and "
+                "no label is treated as noisy",
+                self.gamma,
+                self.r,
+                bound,
+            )
+        return self
+
+    @property
+    def gamma_fraction(self) -> float:
+        """γ as a share of ℓmax(r) (Eq 14)."""
+        return self.gamma / ell_max(self.r, NUM_MODALITIES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        base = cls()
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            default = getattr(base, key)
+            values[key] = _coerce(key, value, default, source)
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> TrainConfig:
+        """Defaults ← YAML file ← overrides (flags that were given); validated."""
+        data: dict[str, Any] = {}
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file '{p}' does not exist")
+            loaded = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, source=str(path or "flags")).validate()
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    if isinstance(default, dict):
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+    return value

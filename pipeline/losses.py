@@ -1,0 +1,138 @@
+"""RSHNL losses, one function per equation of the paper (no Ray, no MLflow).
+
+Shapes: B items in a batch, M modalities, L bits, K classes. Codes are the continuous,
+L2-normalised outputs of the hash heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+def robust_term(p: torch.Tensor, r: float) -> torch.Tensor:
+    """(1 − r)(1 − p^r)/r + r(1 − p): the per-term form shared by Eq 3, 6 and 7."""
+    return (1.0 - r) * (1.0 - p.pow(r)) / r + r * (1.0 - p)
+
+
+def chl_probabilities(
+    codes: list[torch.Tensor], tau: float = 1.0, exclude_self: bool = False
+) -> torch.Tensor:
+    """q(i | x_i^m) of Eq 2, returned as an (M, B) tensor.
+
+    As written, the sums over modalities j include j = m, so each code's similarity with itself is
+    in both numerator and denominator; ``exclude_self=True`` drops it, as the authors' code does.
+    """
+    M, B = len(codes), codes[0].shape[0]
+    allc = torch.cat(codes, dim=0)  # (M·B, L), row m·B + i is b_i^m
+    e = torch.exp(allc @ allc.T / tau)
+    if exclude_self:
+        e = e - torch.diag_embed(torch.diagonal(e))
+    denom = e.sum(dim=1)  # Σ_j Σ_z
+    idx = torch.arange(M * B, device=allc.device)
+    same_item = (idx[:, None] % B) == (idx[None, :] % B)
+    numer = (e * same_item).sum(dim=1)  # Σ_j over the M codes of item i
+    return (numer / denom).view(M, B)
+
+
+def chl_loss(
+    codes: list[torch.Tensor], tau: float, r: float, exclude_self: bool = False
+) -> torch.Tensor:
+    """L_C of Eq 3: (1/N) Σ_i Σ_m robust_term(q(i | x_i^m))."""
+    q = chl_probabilities(codes, tau, exclude_self)
+    return robust_term(q, r).sum(dim=0).mean()
+
+
+def center_probabilities(h: torch.Tensor, centers: torch.Tensor, tau: float) -> torch.Tensor:
+    """p(k | x_i^m) of Eq 4: softmax over the K centers of b_i^m · c_k / τ, shape (B, K)."""
+    return torch.softmax(h @ centers.T / tau, dim=1)
+
+
+def aggregation_probability(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """v_i^m of Eq 5: Σ_k y_ik p(k | x_i^m), shape (B,)."""
+    return (labels.to(p.dtype) * p).sum(dim=1)
+
+
+def pair_losses(
+    codes: list[torch.Tensor],
+    centers: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    r: float,
+) -> torch.Tensor:
+    """ℓ_i of Eq 7 (the summand of Eq 6): Σ_m robust_term(v_i^m), shape (B,)."""
+    terms = [
+        robust_term(aggregation_probability(center_probabilities(h, centers, tau), labels), r)
+        for h in codes
+    ]
+    return torch.stack(terms, dim=0).sum(dim=0)
+
+
+def center_aggregation_loss(ell: torch.Tensor) -> torch.Tensor:
+    """L_p of Eq 6: (1/N) Σ_i ℓ_i."""
+    return ell.mean()
+
+
+def spl_weights(ell: torch.Tensor, gamma: float) -> torch.Tensor:
+    """w_i* = max(0, 1 − ℓ_i/γ) of Eq 12; a closed form, so it is not back-propagated through."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    return (1.0 - ell.detach() / gamma).clamp_min(0.0)
+
+
+def spl_regularizer(w: torch.Tensor, gamma: float) -> torch.Tensor:
+    """R(w_i, γ) = γ(½ w_i² − w_i) of Eq 8, per item."""
+    return gamma * (0.5 * w * w - w)
+
+
+def self_paced_loss(ell: torch.Tensor, w: torch.Tensor, gamma: float) -> torch.Tensor:
+    """L_S of Eq 7: (1/N) Σ_i w_i ℓ_i + (1/N) Σ_i R(w_i, γ)."""
+    return (w * ell).mean() + spl_regularizer(w, gamma).mean()
+
+
+def ell_max(r: float, num_modalities: int = 2) -> float:
+    """ℓ_i^max = M(r² − r + 1)/r of Eq 14: the upper bound of ℓ_i, hence of a useful γ."""
+    return num_modalities * (r * r - r + 1.0) / r
+
+
+@dataclass
+class LossTerms:
+    """The objective of Eq 9 and its parts for one batch."""
+
+    total: torch.Tensor
+    chl: torch.Tensor
+    center: torch.Tensor  # L_p in warm-up, L_S after
+    ell: torch.Tensor  # per-item ℓ_i (detached)
+    weights: torch.Tensor  # per-item w_i (Eq 12), also computed during warm-up for monitoring
+    warmup: bool
+
+
+def rshnl_objective(
+    h_image: torch.Tensor,
+    h_text: torch.Tensor,
+    centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epoch: int,
+    warmup_epochs: int,
+    gamma: float,
+    alpha: float,
+    r: float,
+    tau: float = 1.0,
+    exclude_self: bool = False,
+) -> LossTerms:
+    """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C."""
+    codes = [h_image, h_text]
+    l_c = chl_loss(codes, tau, r, exclude_self)
+    ell = pair_losses(codes, centers, labels, tau, r)
+    w = spl_weights(ell, gamma)
+    warm = epoch < warmup_epochs
+    center = center_aggregation_loss(ell) if warm else self_paced_loss(ell, w, gamma)
+    return LossTerms(
+        total=center + alpha * l_c,
+        chl=l_c.detach(),
+        center=center.detach(),
+        ell=ell.detach(),
+        weights=w,
+        warmup=warm,
+    )

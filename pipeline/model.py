@@ -1,0 +1,87 @@
+"""Hash heads and the class hash-center network (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODALITIES = ("image", "text")
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, d_out),
+    )
+
+
+class HashHead(nn.Module):
+    """H^m of Eq 1 before the sign: MLP d→h→h→L, tanh, L2-normalised.
+
+    The normalisation follows the authors' implementation; the paper only says tanh.
+    """
+
+    def __init__(self, d_in: int, bits: int, hidden: int = 4096) -> None:
+        super().__init__()
+        self.net = _mlp(d_in, hidden, bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(torch.tanh(self.net(x)), dim=1)
+
+
+class CenterNet(nn.Module):
+    """Class hash centers c_k (Eq 4) produced from one-hot class vectors by an MLP K→h→h→L.
+
+    The paper describes random binary centers; the authors' implementation learns them jointly
+    with the heads through this network (tanh, L2-normalised), which is the default here.
+    """
+
+    def __init__(self, num_classes: int, bits: int, hidden: int = 4096) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = _mlp(num_classes, hidden, bits)
+
+    def forward(self) -> torch.Tensor:
+        eye = torch.eye(self.num_classes, device=self.net[0].weight.device)
+        return F.normalize(torch.tanh(self.net(eye)), dim=1)
+
+
+class RSHNLModel(nn.Module):
+    """Both hash heads, the center network and the train-split feature normalisation."""
+
+    def __init__(
+        self, image_dim: int, text_dim: int, num_classes: int, bits: int, hidden: int = 4096
+    ) -> None:
+        super().__init__()
+        self.image_head = HashHead(image_dim, bits, hidden)
+        self.text_head = HashHead(text_dim, bits, hidden)
+        self.center_net = CenterNet(num_classes, bits, hidden)
+        for m, d in (("image", image_dim), ("text", text_dim)):
+            self.register_buffer(f"{m}_mean", torch.zeros(d))
+            self.register_buffer(f"{m}_scale", torch.ones(d))
+
+    def set_normalisation(self, modality: str, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        getattr(self, f"{modality}_mean").copy_(mean)
+        getattr(self, f"{modality}_scale").copy_(scale)
+
+    def encode(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """Continuous codes in [-1, 1]^L (L2-normalised); ``sign`` of them gives b^m (Eq 1)."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        x = (x - getattr(self, f"{modality}_mean")) / getattr(self, f"{modality}_scale")
+        head = self.image_head if modality == "image" else self.text_head
+        return head(x)
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encode(image, "image"), self.encode(text, "text"), self.center_net()
+
+
+def sign_codes(h: torch.Tensor) -> torch.Tensor:
+    """b = sign(h) with sign(0) taken as +1, as int8 ±1."""
+    return torch.where(h >= 0, 1, -1).to(torch.int8)

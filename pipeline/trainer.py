@@ -1,0 +1,224 @@
+"""Driver side of a training run.
+
+Verify input, start the MLflow run, fit a TorchTrainer, evaluate the best checkpoint on the test
+split, log and register the model. One code path for 1..N workers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from feature_store.store import open_dataset
+from pipeline import tracking
+from pipeline.config import TrainConfig
+from pipeline.data import EvalSplit, feature_normalisation, training_dataset
+from pipeline.serving import WEIGHTS, load_model_file
+from pipeline.train_loop import SCORE, evaluate_split, train_func
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training did not complete; the message says why."""
+
+
+def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
+    """Connect to $RAY_ADDRESS / ``address`` or start a local Ray with CPUs for workers and data."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Ray Data's read/shuffle tasks need CPUs beside the training workers, or the run hangs.
+    num_cpus = max(math.ceil(cfg.workers * cfg.cpus_per_worker) + 2, os.cpu_count() or 1)
+    ray.init(
+        num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False
+    )
+
+
+def _attempt_counter():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class AttemptCounter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def increment(self) -> int:
+            self.n += 1
+            return self.n
+
+        def get(self) -> int:
+            return self.n
+
+    return AttemptCounter.remote()
+
+
+def _execution_options():
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
+
+
+def run_training(cfg: TrainConfig, *, ray_address: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and register; return the run summary (see jobs.train)."""
+    cfg.validate()
+    ds = open_dataset(cfg.dataset)  # verifies the manifest and checksums before any work
+    normalisation = (
+        feature_normalisation(ds)
+        if cfg.feature_norm == "standardize"
+        else {m: [[0.0] * d, [1.0] * d] for m, d in ds.dims.items()}
+    )
+    run_name = cfg.run_name or f"rshnl-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    versions = tracking.code_version()
+    params = cfg.to_dict()
+    params.update({"data_version": ds.data_version, "gamma_fraction": cfg.gamma_fraction})
+    tags = {
+        "data_version": ds.data_version,
+        "dataset_uri": ds.uri,
+        "noise_mode": str(ds.manifest["noise"].get("mode")),
+        "noise_rate": str(ds.manifest["noise"].get("rate", 0.0)),
+        **versions,
+        **cfg.tags,
+    }
+    run_id = tracking.start_run(tracking_uri, cfg.experiment_name, run_name, params, tags)
+    log.info("MLflow run %s (%s) at %s", run_id, run_name, tracking_uri)
+    try:
+        summary = _fit(cfg, ds, normalisation, run_name, run_id, tracking_uri, ray_address)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp)
+            shutil.copy(Path(summary.pop("_best_weights")), model_dir / WEIGHTS)
+            final = {
+                k: summary[k]
+                for k in (
+                    "test_map",
+                    "best_valid_map",
+                    "best_epoch",
+                    "epochs_run",
+                    "seconds_per_epoch",
+                    "noise_detection",
+                    "restarts",
+                )
+            }
+            registered = tracking.finish_run(
+                tracking_uri,
+                run_id,
+                config={**cfg.to_dict(), "data_version": ds.data_version},
+                manifest=ds.manifest,
+                final_metrics=final,
+                model_dir=model_dir,
+                registered_model_name=cfg.registered_model_name if cfg.register_model else None,
+            )
+    except BaseException as e:
+        tracking.fail_run(tracking_uri, run_id, e)
+        raise
+    summary.update(
+        {"mlflow_run_id": run_id, "registered_model": registered, "tracking_uri": tracking_uri}
+    )
+    return summary
+
+
+def _fit(
+    cfg: TrainConfig,
+    ds: Any,
+    normalisation: dict[str, Any],
+    run_name: str,
+    run_id: str,
+    tracking_uri: str,
+    ray_address: str | None,
+) -> dict[str, Any]:
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray(cfg, ray_address)
+    counter = _attempt_counter()
+    storage = (
+        cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    )
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "normalisation": normalisation,
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "attempt_counter": counter,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": training_dataset(ds, cfg.seed, cfg.workers, cfg.data_cache_max_bytes)},
+        dataset_config=DataConfig(
+            datasets_to_split=["train"], execution_options=_execution_options()
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training run {run_name} failed: {e}") from e
+    wall = time.perf_counter() - t0
+    last = result.metrics or {}
+    if not result.best_checkpoints:
+        raise TrainingError(f"training run {run_name} reported no checkpoint")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
+    with best_ckpt.as_directory() as d:
+        keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
+        shutil.copy(Path(d) / WEIGHTS, keep)
+    model, _ = load_model_file(keep)
+    test_map = evaluate_split(model, EvalSplit.load(ds, "test"), cfg.eval_batch_size)
+    import ray
+
+    restarts = max(0, ray.get(counter.get.remote()) - 1)
+    summary = {
+        "run_name": run_name,
+        "dataset": ds.uri,
+        "data_version": ds.data_version,
+        "test_map": test_map,
+        "best_valid_map": {
+            "i2t": best_metrics["valid_map_i2t"],
+            "t2i": best_metrics["valid_map_t2i"],
+            "mean": best_metrics[SCORE],
+        },
+        "best_epoch": int(best_metrics["epoch"]),
+        "epochs_run": int(last.get("epoch", 0)),
+        "seconds_per_epoch": float(last.get("seconds_per_epoch", float("nan"))),
+        "wall_seconds": wall,
+        "noise_detection": last.get("noise_detection", {}),
+        "center_checksums": list(last.get("center_checksums", [])),
+        "restarts": restarts,
+        "checkpoint_path": best_ckpt.path,
+        "_best_weights": str(keep),
+    }
+    log.info(
+        "best epoch %d: valid MAP %.4f, test MAP %.4f (i2t %.4f, t2i %.4f)",
+        summary["best_epoch"],
+        best_metrics[SCORE],
+        test_map["mean"],
+        test_map["i2t"],
+        test_map["t2i"],
+    )
+    return summary

@@ -1,0 +1,50 @@
+"""Shared fixtures: small datasets written by the project's own importers, and one Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WIKI_MAT = REPO.parent / "shared" / "datasets" / "wikipedia" / "wiki.mat"
+
+
+@pytest.fixture(scope="session")
+def wiki_mat() -> Path:
+    if not WIKI_MAT.is_file():
+        pytest.skip(f"real Wikipedia file not present at {WIKI_MAT} (../shared is absent)")
+    return WIKI_MAT
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small noisy synthetic dataset (single-label, 6 classes)."""
+    from feature_store.noise import apply_noise
+    from feature_store.store import write_dataset
+    from feature_store.synthetic import generate
+
+    splits, meta = generate(
+        num_classes=6,
+        counts={"train": 192, "valid": 48, "test": 48},
+        image_dim=24,
+        text_dim=16,
+        seed=3,
+    )
+    noise = apply_noise(splits["train"], "symmetric", 0.4, seed=1)
+    store = tmp_path_factory.mktemp("store")
+    return write_dataset(
+        str(store), "tiny", splits, source=meta["source"], noise=noise, protocol=meta["protocol"]
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session, with logical CPUs above the worker count (Ray Data needs some)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
