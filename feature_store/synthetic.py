@@ -16,8 +16,8 @@ def generate(
     image_dim: int = 128,
     text_dim: int = 100,
     latent_dim: int = 32,
-    class_sep: float = 2.5,
-    modality_gap: float = 0.5,
+    class_sep: float = 0.8,
+    modality_gap: float = 1.5,
     seed: int = 0,
 ) -> tuple[dict[str, SplitArrays], dict[str, Any]]:
     """Items share a latent class code; each modality is a fixed random projection of it plus noise.

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=500)
     s.add_argument("--image-dim", type=int, default=128)
     s.add_argument("--text-dim", type=int, default=100)
-    s.add_argument("--class-sep", type=float, default=2.5, help="smaller is harder")
-    s.add_argument("--modality-gap", type=float, default=0.5, help="larger is harder")
+    s.add_argument("--class-sep", type=float, default=0.8, help="smaller is harder")
+    s.add_argument("--modality-gap", type=float, default=1.5, help="larger is harder")
     s.add_argument("--seed", type=int, default=0)
     _noise_args(s)
 

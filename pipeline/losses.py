@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 def robust_term(p: torch.Tensor, r: float) -> torch.Tensor:
     """(1 − r)(1 − p^r)/r + r(1 − p): the per-term form shared by Eq 3, 6 and 7."""
     return (1.0 - r) * (1.0 - p.pow(r)) / r + r * (1.0 - p)

@@ -51,7 +51,9 @@ class HashCodeModel(mlflow.pyfunc.PythonModel):
         self.model, blob = load_model_file(context.artifacts["weights"])
         self.arch = blob["arch"]
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # No annotations here: MLflow would derive a second, conflicting schema from them.
+    def predict(self, context, model_input, params=None):
+        """Encode ``model_input`` (n, d) of the modality named by ``params``."""
         modality = (params or {}).get("modality", "image")
         if modality not in MODALITIES:
             raise ValueError(f"param 'modality' must be one of {MODALITIES}, got {modality!r}")

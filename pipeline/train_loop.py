@@ -26,7 +26,12 @@ from pipeline.serving import WEIGHTS, encode, save_model_file
 log = logging.getLogger("pipeline.train")
 
 STATE = "train_state.pt"
-SCORE = "valid_map_mean"
+SCORE = "checkpoint_score"  # validation MAP (mean), ties broken towards the later epoch
+
+
+def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
+    """Strictly ordered score so that the best checkpoint is unambiguous under equal MAPs."""
+    return valid_map_mean + epoch * 1e-12
 
 
 def seed_everything(seed: int) -> None:
@@ -97,7 +102,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     core: RSHNLModel = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
-    start_epoch, best_map, best_epoch = 0, -1.0, -1
+    start_epoch, best_map, best_epoch, best_score = 0, -1.0, -1, -1.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -108,6 +113,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         best_map, best_epoch = state["best_valid_map"], state["best_epoch"]
+        best_score = checkpoint_score(best_map, best_epoch)
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
@@ -213,9 +219,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
             order = np.argsort(item_ids)
             pos = np.searchsorted(item_ids[order], ids)
             det = evaluate.noise_detection(weights, flags[order][pos])
-            improved = vmap["mean"] > best_map
-            if improved:
-                best_map, best_epoch = vmap["mean"], epoch + 1
+            score = checkpoint_score(vmap["mean"], epoch + 1)
+            if score > best_score:
+                best_score, best_map, best_epoch = score, vmap["mean"], epoch + 1
             metrics.update(
                 {
                     "loss": sums[0].item() / n,
@@ -223,7 +229,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "loss_center": sums[2].item() / n,
                     "valid_map_i2t": vmap["i2t"],
                     "valid_map_t2i": vmap["t2i"],
-                    SCORE: vmap["mean"],
+                    "valid_map_mean": vmap["mean"],
+                    SCORE: score,
                     "best_valid_map_mean": best_map,
                     "best_epoch": best_epoch,
                     "zero_weight_share": float(np.mean(weights <= 0)) if weights.size else 0.0,

@@ -201,7 +201,7 @@ def _fit(
         "best_valid_map": {
             "i2t": best_metrics["valid_map_i2t"],
             "t2i": best_metrics["valid_map_t2i"],
-            "mean": best_metrics[SCORE],
+            "mean": best_metrics["valid_map_mean"],
         },
         "best_epoch": int(best_metrics["epoch"]),
         "epochs_run": int(last.get("epoch", 0)),
@@ -216,7 +216,7 @@ def _fit(
     log.info(
         "best epoch %d: valid MAP %.4f, test MAP %.4f (i2t %.4f, t2i %.4f)",
         summary["best_epoch"],
-        best_metrics[SCORE],
+        best_metrics["valid_map_mean"],
         test_map["mean"],
         test_map["i2t"],
         test_map["t2i"],

@@ -41,7 +41,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the session, with logical CPUs above the worker count (Ray Data needs some)."""
+    """One local Ray for the session; logical CPUs above the worker count (Ray Data needs some)."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

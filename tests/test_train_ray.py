@@ -1,0 +1,112 @@
+"""Ray Train end to end on a tiny dataset: synchronized centers, MLflow run and registry."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from feature_store import schema as S
+from feature_store.store import open_dataset
+from pipeline.config import TrainConfig
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_cluster, tiny_dataset, tmp_path_factory):
+    from pipeline.trainer import run_training
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(
+        dataset=tiny_dataset,
+        bits=16,
+        hidden_dim=32,
+        epochs=3,
+        warmup_epochs=1,
+        gamma=3.0,
+        batch_size=64,
+        lr=1e-3,
+        workers=2,
+        center_sync_check_every=1,  # all-gather the centers after every step and assert equality
+        storage_path=str(root / "runs"),
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        experiment_name="test",
+        registered_model_name="rshnl-test",
+    )
+    return cfg, run_training(cfg)
+
+
+def test_summary_contract(tiny_run):
+    _, s = tiny_run
+    for key in ("test_map", "best_valid_map"):
+        assert set(s[key]) == {"i2t", "t2i", "mean"}
+        assert 0.0 <= s[key]["mean"] <= 1.0
+    assert s["epochs_run"] == 3 and 1 <= s["best_epoch"] <= 3
+    assert s["seconds_per_epoch"] > 0
+    assert set(s["noise_detection"]) == {"precision", "recall"}
+    assert s["restarts"] == 0
+    assert s["registered_model"] == {"name": "rshnl-test", "version": "1"}
+
+
+def test_centers_identical_on_every_rank(tiny_run):
+    _, s = tiny_run
+    assert len(s["center_checksums"]) == 2
+    assert len(set(s["center_checksums"])) == 1
+
+
+def test_mlflow_run_metrics_and_registered_model(tiny_run):
+    cfg, s = tiny_run
+    client = mlflow.tracking.MlflowClient(cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["gamma"] == "3.0" and run.data.params["bits"] == "16"
+    assert run.data.tags["data_version"] == open_dataset(cfg.dataset).data_version
+    assert "code_digest" in run.data.tags and "git_commit" in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "valid_map_mean")
+    assert [m.step for m in history] == [1, 2, 3]
+    for key in ("loss_chl", "loss_center", "zero_weight_share", "noise_precision", "noise_recall"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3
+    assert run.data.metrics["final/test_map_mean"] == pytest.approx(s["test_map"]["mean"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "dataset_manifest.json", "final_metrics.json"} <= artifacts
+    mv = client.get_model_version("rshnl-test", "1")
+    assert mv.run_id == s["mlflow_run_id"]
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/rshnl-test/1")
+    ds = open_dataset(cfg.dataset)
+    feats = ds.read_arrays("test", [S.IMAGE, S.TEXT])
+    img = model.predict(feats[S.IMAGE].astype(np.float32), params={"modality": "image"})
+    txt = model.predict(feats[S.TEXT].astype(np.float32), params={"modality": "text"})
+    assert img.shape == (48, 16) and txt.shape == (48, 16)
+    assert set(np.unique(img)) <= {-1, 1}
+    with pytest.raises(Exception, match=r"shape \(n, 24\)"):
+        model.predict(feats[S.TEXT].astype(np.float32), params={"modality": "image"})
+
+
+def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset):
+    """The batches a training worker receives hold only features, observed labels and ids."""
+    import ray.train
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data import training_dataset
+
+    def probe(_config):
+        seen = set()
+        for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=32):
+            seen |= set(batch)
+        ray.train.report({"columns": sorted(seen)})
+
+    ds = open_dataset(tiny_dataset)
+    trainer = TorchTrainer(
+        probe,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        datasets={"train": training_dataset(ds, seed=0, workers=2, cache_max_bytes=1 << 30)},
+    )
+    trainer.fit()
+    ray_ds = training_dataset(ds, seed=0, workers=2, cache_max_bytes=0)
+    assert sorted(ray_ds.columns()) == sorted(S.TRAINING_COLUMNS)
+    batch = ray_ds.take_batch(8)
+    assert S.CLEAN_LABEL not in batch and S.IS_NOISY not in batch
