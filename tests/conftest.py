@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-WIKI_MAT = REPO.parent / "shared" / "datasets" / "wikipedia" / "wiki.mat"
+WIKI_MAT = Path(
+    os.environ.get("RSHNL_WIKI_MAT", REPO.parent / "shared" / "datasets" / "wikipedia" / "wiki.mat")
+)
 
 
 @pytest.fixture(scope="session")
