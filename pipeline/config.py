@@ -41,6 +41,10 @@ class TrainConfig:
     tau: float = 1.0  # temperature τ of Eq 2/4
     warmup_epochs: int = 5  # N_w of Eq 9
     chl_exclude_self: bool = False  # Eq 2 as written includes j = m; True as in the authors' code
+    centers: str = "learned"  # "learned" (center network), or fixed "random" / "hadamard" ±1 rows
+    global_negatives: str = (
+        "auto"  # CHL denominator over all workers' codes: auto (>1 worker)/on/off
+    )
     # optimisation
     epochs: int = 150
     batch_size: int = 256  # global batch; each of W workers gets batch_size // W
@@ -52,6 +56,7 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    bf16: bool = False  # autocast the MLPs to bfloat16 (losses stay fp32)
     max_failures: int = 0
     eval_batch_size: int = 2048
     center_sync_check_every: int = 0  # >0: all-gather a center checksum every N steps and assert
@@ -78,6 +83,21 @@ class TrainConfig:
             self.feature_norm in ("standardize", "none"),
             "feature_norm",
             "must be 'standardize' or 'none'",
+        )
+        need(
+            self.centers in ("learned", "random", "hadamard"),
+            "centers",
+            "must be 'learned', 'random' or 'hadamard'",
+        )
+        need(
+            self.centers != "hadamard" or (self.bits & (self.bits - 1) == 0),
+            "centers",
+            "Hadamard centers need a power-of-two number of bits",
+        )
+        need(
+            self.global_negatives in ("auto", "on", "off"),
+            "global_negatives",
+            "must be 'auto', 'on' or 'off'",
         )
         need(self.gamma > 0, "gamma", "the learning pace γ must be > 0 (Eq 12)")
         need(0 < self.r <= 1, "r", "must be in (0, 1] (Eq 6)")

@@ -17,30 +17,49 @@ def robust_term(p: torch.Tensor, r: float) -> torch.Tensor:
 
 
 def chl_probabilities(
-    codes: list[torch.Tensor], tau: float = 1.0, exclude_self: bool = False
+    codes: list[torch.Tensor],
+    tau: float = 1.0,
+    exclude_self: bool = False,
+    all_codes: list[torch.Tensor] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """q(i | x_i^m) of Eq 2, returned as an (M, B) tensor.
+    """q(i | x_i^m) of Eq 2 for the anchors ``codes`` (M tensors of (B, L)), returned as (M, B).
 
+    The denominator runs over ``all_codes`` (M tensors of (N, L), default: the anchors themselves),
+    whose rows ``offset .. offset+B-1`` are the anchors' own items: with codes gathered from every
+    worker, N workers × B items give the same q as one batch of N·B.
     As written, the sums over modalities j include j = m, so each code's similarity with itself is
     in both numerator and denominator; ``exclude_self=True`` drops it, as the authors' code does.
     """
-    M, B = len(codes), codes[0].shape[0]
-    allc = torch.cat(codes, dim=0)  # (M·B, L), row m·B + i is b_i^m
-    e = torch.exp(allc @ allc.T / tau)
+    if all_codes is None:
+        all_codes, offset = codes, 0
+    M, B, N = len(codes), codes[0].shape[0], all_codes[0].shape[0]
+    anchors = torch.cat(codes, dim=0)  # row m·B + i is b_i^m
+    keys = torch.cat(all_codes, dim=0)  # row j·N + z is b_z^j
+    e = torch.exp(anchors @ keys.T / tau)
+    dev = anchors.device
+    row_item = torch.arange(M * B, device=dev) % B + offset
+    row_mod = torch.arange(M * B, device=dev) // B
+    col_item = torch.arange(M * N, device=dev) % N
+    col_mod = torch.arange(M * N, device=dev) // N
+    same_item = row_item[:, None] == col_item[None, :]
     if exclude_self:
-        e = e - torch.diag_embed(torch.diagonal(e))
-    denom = e.sum(dim=1)  # Σ_j Σ_z
-    idx = torch.arange(M * B, device=allc.device)
-    same_item = (idx[:, None] % B) == (idx[None, :] % B)
+        e = e.masked_fill(same_item & (row_mod[:, None] == col_mod[None, :]), 0.0)
     numer = (e * same_item).sum(dim=1)  # Σ_j over the M codes of item i
+    denom = e.sum(dim=1)  # Σ_j Σ_z
     return (numer / denom).view(M, B)
 
 
 def chl_loss(
-    codes: list[torch.Tensor], tau: float, r: float, exclude_self: bool = False
+    codes: list[torch.Tensor],
+    tau: float,
+    r: float,
+    exclude_self: bool = False,
+    all_codes: list[torch.Tensor] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """L_C of Eq 3: (1/N) Σ_i Σ_m robust_term(q(i | x_i^m))."""
-    q = chl_probabilities(codes, tau, exclude_self)
+    """L_C of Eq 3: (1/N) Σ_i Σ_m robust_term(q(i | x_i^m)), averaged over the anchors given."""
+    q = chl_probabilities(codes, tau, exclude_self, all_codes, offset)
     return robust_term(q, r).sum(dim=0).mean()
 
 
@@ -121,10 +140,15 @@ def rshnl_objective(
     r: float,
     tau: float = 1.0,
     exclude_self: bool = False,
+    all_codes: list[torch.Tensor] | None = None,
+    offset: int = 0,
 ) -> LossTerms:
-    """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C."""
+    """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C.
+
+    ``all_codes``/``offset``: CHL negatives from every worker (see ``chl_probabilities``).
+    """
     codes = [h_image, h_text]
-    l_c = chl_loss(codes, tau, r, exclude_self)
+    l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset)
     ell = pair_losses(codes, centers, labels, tau, r)
     w = spl_weights(ell, gamma)
     warm = epoch < warmup_epochs

@@ -50,16 +50,67 @@ class CenterNet(nn.Module):
         return F.normalize(torch.tanh(self.net(eye)), dim=1)
 
 
+CENTER_MODES = ("learned", "random", "hadamard")
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order n (a power of two), entries ±1."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard centers need a power-of-two number of bits, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def fixed_centers(mode: str, num_classes: int, bits: int, seed: int) -> torch.Tensor:
+    """L2-normalised ±1 class centers: random signs, or K rows of a Hadamard matrix (L ≥ K)."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "random":
+        c = torch.randint(0, 2, (num_classes, bits), generator=g).float() * 2 - 1
+    elif mode == "hadamard":
+        if bits < num_classes:
+            raise ValueError(f"Hadamard centers need bits ≥ classes ({bits} < {num_classes})")
+        rows = torch.randperm(bits, generator=g)[:num_classes]
+        c = hadamard(bits)[rows]
+    else:
+        raise ValueError(f"fixed center mode must be 'random' or 'hadamard', got {mode!r}")
+    return F.normalize(c, dim=1)
+
+
+class FixedCenters(nn.Module):
+    """Non-trainable class centers held in a buffer (synchronised like any DDP buffer)."""
+
+    def __init__(self, num_classes: int, bits: int) -> None:
+        super().__init__()
+        self.register_buffer("centers", torch.zeros(num_classes, bits))
+
+    def forward(self) -> torch.Tensor:
+        return self.centers
+
+
 class RSHNLModel(nn.Module):
     """Both hash heads, the center network and the train-split feature normalisation."""
 
     def __init__(
-        self, image_dim: int, text_dim: int, num_classes: int, bits: int, hidden: int = 4096
+        self,
+        image_dim: int,
+        text_dim: int,
+        num_classes: int,
+        bits: int,
+        hidden: int = 4096,
+        center_mode: str = "learned",
     ) -> None:
         super().__init__()
+        if center_mode not in CENTER_MODES:
+            raise ValueError(f"center_mode must be one of {CENTER_MODES}, got {center_mode!r}")
         self.image_head = HashHead(image_dim, bits, hidden)
         self.text_head = HashHead(text_dim, bits, hidden)
-        self.center_net = CenterNet(num_classes, bits, hidden)
+        self.center_net: nn.Module = (
+            CenterNet(num_classes, bits, hidden)
+            if center_mode == "learned"
+            else FixedCenters(num_classes, bits)
+        )
         for m, d in (("image", image_dim), ("text", text_dim)):
             self.register_buffer(f"{m}_mean", torch.zeros(d))
             self.register_buffer(f"{m}_scale", torch.ones(d))

@@ -1,4 +1,8 @@
-"""The per-worker training loop: the only module that touches ``ray.train``."""
+"""The per-worker training loop: the only module that touches ``ray.train``.
+
+The step itself (``compute_loss``) is plain PyTorch plus ``torch.distributed`` so that it can be
+checked outside Ray against a single-process run on the concatenated batch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +24,21 @@ from feature_store.store import open_dataset
 from pipeline import evaluate
 from pipeline.config import TrainConfig
 from pipeline.data import EvalSplit, local_shuffle_seed, noise_flags
-from pipeline.losses import rshnl_objective
-from pipeline.model import RSHNLModel
+from pipeline.losses import LossTerms, rshnl_objective
+from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.serving import WEIGHTS, encode, save_model_file
 
 log = logging.getLogger("pipeline.train")
 
 STATE = "train_state.pt"
 SCORE = "checkpoint_score"  # validation MAP (mean), ties broken towards the later epoch
+HIST_EDGES = np.linspace(0.0, 1.0, 21)
+_BATCH_DTYPES = {
+    "item_id": torch.int64,
+    "image": torch.float32,
+    "text": torch.float32,
+    "label": torch.float32,
+}
 
 
 def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
@@ -57,30 +69,122 @@ def _assert_centers_synced(centers: torch.Tensor, step: int) -> None:
             raise RuntimeError(f"hash centers differ between rank 0 and rank {rank} at step {step}")
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather rows from every rank; backward sums every rank's gradient for the local rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rank, top = dist.get_rank(), max(sizes)
+        padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.sizes, ctx.rank, ctx.top = sizes, rank, top
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's codes
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of ``x`` from every rank (gradient flows to the local part); returns (all, offset)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes_t = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes_t, n)
+    sizes = [int(s.item()) for s in sizes_t]
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    label: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    global_negatives: bool,
+) -> LossTerms:
+    """Forward pass and the objective of Eq 9 for one local batch.
+
+    With ``global_negatives`` the CHL denominator (Eq 2) runs over every rank's codes; each rank's
+    loss is a mean over its own items, so DDP's gradient average equals the gradient of the loss of
+    one batch holding all ranks' items.
+    """
+    amp = torch.autocast(image.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    with amp:
+        h_img, h_txt, centers = model(image, text)
+    h_img, h_txt, centers = h_img.float(), h_txt.float(), centers.float()
+    all_codes, offset = None, 0
+    if global_negatives and _distributed():
+        all_img, offset = gather_with_grad(h_img)
+        all_txt, _ = gather_with_grad(h_txt)
+        all_codes = [all_img, all_txt]
+    return rshnl_objective(
+        h_img,
+        h_txt,
+        centers,
+        label,
+        epoch=epoch,
+        warmup_epochs=cfg.warmup_epochs,
+        gamma=cfg.gamma,
+        alpha=cfg.alpha,
+        r=cfg.r,
+        tau=cfg.tau,
+        exclude_self=cfg.chl_exclude_self,
+        all_codes=all_codes,
+        offset=offset,
+    )
+
+
 def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> RSHNLModel:
-    return RSHNLModel(dims["image"], dims["text"], num_classes, cfg.bits, cfg.hidden_dim)
+    return RSHNLModel(**arch_of(cfg, dims, num_classes))
 
 
-def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, int]:
+def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, Any]:
     return {
         "image_dim": dims["image"],
         "text_dim": dims["text"],
         "num_classes": num_classes,
         "bits": cfg.bits,
         "hidden": cfg.hidden_dim,
+        "center_mode": cfg.centers,
     }
 
 
 def evaluate_split(model: RSHNLModel, split: EvalSplit, batch_size: int) -> dict[str, float]:
+    was_training = model.training
     model.eval()
     img = encode(model, split.image, "image", batch_size)
     txt = encode(model, split.text, "text", batch_size)
-    model.train()
+    model.train(was_training)
     return evaluate.cross_modal_map(img, txt, split.label)
+
+
+class _Timer:
+    """Accumulates wall time per phase of an epoch."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.t[key] = self.t.get(key, 0.0) + seconds
+
+
+def _empty_history() -> dict[str, Any]:
+    return {
+        "weight_hist_edges": HIST_EDGES.tolist(),
+        "weight_hist_clean": [],
+        "weight_hist_noisy": [],
+    }
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -89,12 +193,21 @@ def train_func(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.seed)
+    global_negatives = cfg.global_negatives == "on" or (
+        cfg.global_negatives == "auto" and world > 1
+    )
 
     ds = open_dataset(cfg.dataset, verify=False)  # the driver verified checksums
     dims, k = ds.dims, ds.num_classes
     model = build_model(cfg, dims, k)
     for m, (mean, scale) in loop_config["normalisation"].items():
         model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
+    if cfg.centers != "learned":
+        buf = model.center_net.centers
+        if rank == 0:
+            buf.copy_(fixed_centers(cfg.centers, k, cfg.bits, cfg.seed))
+        if _distributed():
+            dist.broadcast(buf, src=0)  # generated once on rank 0
     arch = arch_of(cfg, dims, k)
 
     device = ray.train.torch.get_device()
@@ -103,36 +216,41 @@ def train_func(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     start_epoch, best_map, best_epoch, best_score = 0, -1.0, -1, -1.0
+    history = _empty_history()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
-            core.load_state_dict(
-                torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=False)["state_dict"]
-            )
+            weights_blob = torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=False)
+        core.load_state_dict(weights_blob["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         best_map, best_epoch = state["best_valid_map"], state["best_epoch"]
         best_score = checkpoint_score(best_map, best_epoch)
+        history = state.get("history") or history
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         log.info(
-            "rank %d resumed from epoch %d (best %.4f at %d)",
+            "rank %d resumed after epoch %d (best valid MAP %.4f at epoch %d)",
             rank,
             start_epoch,
             best_map,
             best_epoch,
         )
-    attempt_counter = loop_config.get("attempt_counter")
-    if rank == 0 and attempt_counter is not None:
-        ray.get(attempt_counter.increment.remote())
+    monitor = loop_config.get("monitor")  # driver-side actor: attempts and per-epoch timings
+    if rank == 0 and monitor is not None:
+        ray.get(monitor.start_attempt.remote())
 
-    valid = test_ids = None
-    epoch_logger = None
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if _distributed():
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+
+    valid = flags = epoch_logger = None
     if rank == 0:
         valid = EvalSplit.load(ds, "valid")
-        test_ids = noise_flags(ds)  # measurement only: joined with SPL weights, never in the loss
+        flags = noise_flags(ds)  # measurement only: joined with SPL weights, never in the loss
         if loop_config.get("run_id"):
             from pipeline.tracking import EpochLogger
 
@@ -140,42 +258,35 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
-    step = 0
-    last_centers = None
-    train_seconds: list[float] = []
+    step, seconds = 0, []
     for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+        timer = _Timer()
+        t_epoch = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # total, chl, center, n
         ids_l, w_l = [], []
-        for batch in shard.iter_torch_batches(
-            batch_size=local_bs,
-            dtypes={
-                "item_id": torch.int64,
-                "image": torch.float32,
-                "text": torch.float32,
-                "label": torch.float32,
-            },
-            device=device,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=local_shuffle_seed(cfg.seed, epoch, rank),
-        ):
-            h_img, h_txt, centers = model(batch["image"], batch["text"])
-            terms = rshnl_objective(
-                h_img,
-                h_txt,
-                centers,
-                batch["label"],
-                epoch=epoch,
-                warmup_epochs=cfg.warmup_epochs,
-                gamma=cfg.gamma,
-                alpha=cfg.alpha,
-                r=cfg.r,
-                tau=cfg.tau,
-                exclude_self=cfg.chl_exclude_self,
+        batches = iter(
+            shard.iter_torch_batches(
+                batch_size=local_bs,
+                dtypes=_BATCH_DTYPES,
+                device=device,
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=local_shuffle_seed(cfg.seed, epoch, rank),
+            )
+        )
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            timer.add("data_wait", time.perf_counter() - t0)
+            if batch is None:
+                break
+            t0 = time.perf_counter()
+            terms = compute_loss(
+                model, batch["image"], batch["text"], batch["label"], cfg, epoch, global_negatives
             )
             optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            terms.total.backward()  # DDP all-reduces gradients here
             optimizer.step()
+            timer.add("step", time.perf_counter() - t0)
             step += 1
             n = batch["image"].shape[0]
             sums += torch.tensor(
@@ -184,44 +295,40 @@ def train_func(loop_config: dict[str, Any]) -> None:
             )
             ids_l.append(batch["item_id"].cpu())
             w_l.append(terms.weights.cpu())
-            if (
-                cfg.center_sync_check_every
-                and step % cfg.center_sync_check_every == 0
-                and _distributed()
-            ):
-                with torch.no_grad():
-                    _assert_centers_synced(core.center_net(), step)
+            if cfg.center_sync_check_every and step % cfg.center_sync_check_every == 0:
+                if _distributed():
+                    with torch.no_grad():
+                        _assert_centers_synced(core.center_net(), step)
+        t0 = time.perf_counter()
         with torch.no_grad():
-            last_centers = core.center_net().cpu()
-        ids = torch.cat(ids_l) if ids_l else torch.zeros(0, dtype=torch.int64)
-        weights = torch.cat(w_l) if w_l else torch.zeros(0)
+            last_centers = core.center_net().float().cpu()
+        ids = torch.cat(ids_l).numpy() if ids_l else np.zeros(0, dtype=np.int64)
+        weights = torch.cat(w_l).numpy() if w_l else np.zeros(0, dtype=np.float32)
+        checksums: list[Any] = [center_checksum(last_centers)]
         if _distributed():
             dist.all_reduce(sums)
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (ids.numpy(), weights.numpy()))
+            dist.all_gather_object(gathered, (ids, weights, checksums[0]))
             ids = np.concatenate([g[0] for g in gathered])
             weights = np.concatenate([g[1] for g in gathered])
-        else:
-            ids, weights = ids.numpy(), weights.numpy()
-        train_seconds.append(time.perf_counter() - t0)
-
-        checksums: list[Any] = [center_checksum(last_centers)]
-        if _distributed():
-            checksums = [None] * world
-            dist.all_gather_object(checksums, center_checksum(last_centers))
+            checksums = [g[2] for g in gathered]
+        timer.add("gather", time.perf_counter() - t0)
+        seconds.append(timer.t.get("data_wait", 0.0) + timer.t.get("step", 0.0))
 
         metrics: dict[str, Any] = {"epoch": epoch + 1}
         ckpt_dir = None
         if rank == 0:
-            n = max(sums[3].item(), 1.0)
+            t0 = time.perf_counter()
             vmap = evaluate_split(core, valid, cfg.eval_batch_size)
-            item_ids, flags = test_ids
+            item_ids, is_noisy = flags
             order = np.argsort(item_ids)
-            pos = np.searchsorted(item_ids[order], ids)
-            det = evaluate.noise_detection(weights, flags[order][pos])
+            noisy_of_batch = is_noisy[order][np.searchsorted(item_ids[order], ids)]
+            det = evaluate.noise_detection(weights, noisy_of_batch)
+            timer.add("eval", time.perf_counter() - t0)
             score = checkpoint_score(vmap["mean"], epoch + 1)
             if score > best_score:
                 best_score, best_map, best_epoch = score, vmap["mean"], epoch + 1
+            n = max(sums[3].item(), 1.0)
             metrics.update(
                 {
                     "loss": sums[0].item() / n,
@@ -238,13 +345,29 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "noise_precision": float(det["precision"]),
                     "noise_recall": float(det["recall"]),
                     "noise_f1": float(det["f1"]),
-                    "epoch_seconds": train_seconds[-1],
+                    "epoch_seconds": seconds[-1],
                     "warmup": float(epoch < cfg.warmup_epochs),
                 }
             )
+            for key in (
+                "epoch",
+                "loss",
+                "loss_chl",
+                "loss_center",
+                "valid_map_i2t",
+                "valid_map_t2i",
+                "valid_map_mean",
+                "zero_weight_share",
+                "noise_precision",
+                "noise_recall",
+            ):
+                history.setdefault(key, []).append(metrics[key])
+            for name, mask in (("clean", ~noisy_of_batch), ("noisy", noisy_of_batch)):
+                counts, _ = np.histogram(weights[mask], bins=HIST_EDGES)
+                history[f"weight_hist_{name}"].append(counts.tolist())
             log.info(
                 "epoch %d/%d loss=%.4f chl=%.4f center=%.4f valid_map=%.4f (i2t %.4f t2i %.4f) "
-                "best=%.4f@%d zero_w=%.3f noise_p/r=%.3f/%.3f %.1fs",
+                "best=%.4f@%d zero_w=%.3f noise_p/r=%.3f/%.3f train %.1fs (data %.2fs)",
                 epoch + 1,
                 cfg.epochs,
                 metrics["loss"],
@@ -258,10 +381,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 metrics["zero_weight_share"],
                 det["precision"],
                 det["recall"],
-                train_seconds[-1],
+                seconds[-1],
+                timer.t.get("data_wait", 0.0),
             )
+            t0 = time.perf_counter()
             if epoch_logger is not None:
-                epoch_logger.log({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
+                epoch_logger.log(
+                    {k: v for k, v in metrics.items() if k != "epoch"}
+                    | {f"time_{k}": v for k, v in timer.t.items()},
+                    epoch + 1,
+                )
             ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
             save_model_file(
                 Path(ckpt_dir) / WEIGHTS, core, arch, {"epoch": epoch + 1, "valid_map": vmap}
@@ -272,24 +401,34 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "epoch": epoch,
                     "best_valid_map": best_map,
                     "best_epoch": best_epoch,
+                    "history": history,
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
                 },
                 Path(ckpt_dir) / STATE,
             )
+            timer.add("checkpoint", time.perf_counter() - t0)
             metrics.update(
                 {
                     "center_checksums": checksums,
-                    "seconds_per_epoch": float(np.mean(train_seconds)),
+                    "seconds_per_epoch": float(np.mean(seconds)),
                     "noise_detection": {
                         "precision": float(det["precision"]),
                         "recall": float(det["recall"]),
                     },
+                    "worker_nodes": nodes,
+                    "global_negatives": global_negatives,
                 }
             )
+            if epoch + 1 == cfg.epochs:
+                metrics["history"] = history
         # Every epoch's checkpoint is scored by its validation MAP; Ray keeps the best and latest.
+        t0 = time.perf_counter()
         checkpoint_obj = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=checkpoint_obj)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+        timer.add("report", time.perf_counter() - t0)
+        if rank == 0 and monitor is not None:
+            monitor.record.remote(epoch + 1, timer.t | {"wall": time.perf_counter() - t_epoch})

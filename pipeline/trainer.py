@@ -46,22 +46,27 @@ def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
     )
 
 
-def _attempt_counter():
+def _run_monitor():
+    """A small actor beside the run: counts worker-group starts and collects epoch timings."""
     import ray
 
     @ray.remote(num_cpus=0)
-    class AttemptCounter:
+    class RunMonitor:
         def __init__(self) -> None:
-            self.n = 0
+            self.attempts = 0
+            self.timings: dict[int, dict[str, float]] = {}
 
-        def increment(self) -> int:
-            self.n += 1
-            return self.n
+        def start_attempt(self) -> int:
+            self.attempts += 1
+            return self.attempts
 
-        def get(self) -> int:
-            return self.n
+        def record(self, epoch: int, timing: dict[str, float]) -> None:
+            self.timings[epoch] = timing
 
-    return AttemptCounter.remote()
+        def get(self) -> tuple[int, dict[int, dict[str, float]]]:
+            return self.attempts, self.timings
+
+    return RunMonitor.remote()
 
 
 def _execution_options():
@@ -143,7 +148,7 @@ def _fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(cfg, ray_address)
-    counter = _attempt_counter()
+    monitor = _run_monitor()
     storage = (
         cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     )
@@ -154,7 +159,7 @@ def _fit(
             "normalisation": normalisation,
             "run_id": run_id,
             "tracking_uri": tracking_uri,
-            "attempt_counter": counter,
+            "monitor": monitor,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -192,7 +197,8 @@ def _fit(
     test_map = evaluate_split(model, EvalSplit.load(ds, "test"), cfg.eval_batch_size)
     import ray
 
-    restarts = max(0, ray.get(counter.get.remote()) - 1)
+    attempts, timings = ray.get(monitor.get.remote())
+    restarts = max(0, attempts - 1)
     summary = {
         "run_name": run_name,
         "dataset": ds.uri,
@@ -210,6 +216,10 @@ def _fit(
         "noise_detection": last.get("noise_detection", {}),
         "center_checksums": list(last.get("center_checksums", [])),
         "restarts": restarts,
+        "worker_nodes": list(last.get("worker_nodes", [])),
+        "global_negatives": bool(last.get("global_negatives", False)),
+        "epoch_timings": [timings[e] for e in sorted(timings)],
+        "history": last.get("history", {}),
         "checkpoint_path": best_ckpt.path,
         "_best_weights": str(keep),
     }

@@ -161,3 +161,25 @@ def test_objective_eq9_warmup_then_self_paced():
     (g1,) = torch.autograd.grad(late.total, hi)
     (g2,) = torch.autograd.grad((w * ell).mean() + 0.3 * chl, hi)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_chl_with_gathered_negatives_equals_one_big_batch(exclude_self):
+    g = torch.Generator().manual_seed(4)
+    full = [F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1) for _ in "ab"]
+    q_full = L.chl_probabilities(full, 0.8, exclude_self)
+    halves = [
+        L.chl_probabilities(
+            [c[s : s + 3] for c in full], 0.8, exclude_self, all_codes=full, offset=s
+        )
+        for s in (0, 3)
+    ]
+    assert torch.allclose(torch.cat(halves, dim=1), q_full, atol=1e-12)
+    # the mean of the per-half losses is the loss of the whole batch
+    per_half = [
+        L.chl_loss([c[s : s + 3] for c in full], 0.8, 0.3, exclude_self, all_codes=full, offset=s)
+        for s in (0, 3)
+    ]
+    assert (sum(per_half) / 2).item() == pytest.approx(
+        L.chl_loss(full, 0.8, 0.3, exclude_self).item(), rel=1e-12
+    )
