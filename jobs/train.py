@@ -38,6 +38,9 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--tracking-uri": ("tracking_uri", str),
     "--registered-model-name": ("registered_model_name", str),
     "--center-sync-check-every": ("center_sync_check_every", int),
+    "--centers": ("centers", str),
+    "--global-negatives": ("global_negatives", str),
+    "--shuffle-buffer": ("shuffle_buffer", int),
 }
 
 
@@ -52,7 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"config '{key}' (default {getattr(TrainConfig(), key)!r})",
         )
-    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
+    p.add_argument(
+        "--use-gpu",
+        dest="use_gpu",
+        action="store_true",
+        default=None,
+        help="one GPU per worker, NCCL backend",
+    )
+    p.add_argument(
+        "--bf16",
+        dest="bf16",
+        action="store_true",
+        default=None,
+        help="autocast the MLPs to bfloat16 (losses stay fp32)",
+    )
+    p.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_true",
+        default=None,
+        help="continue --run-name from its latest checkpoint in --storage-path",
+    )
     p.add_argument(
         "--no-register",
         dest="register_model",
@@ -69,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    keys = [k for k, _ in _FLAGS.values()] + ["use_gpu", "register_model"]
+    keys = [k for k, _ in _FLAGS.values()] + ["use_gpu", "bf16", "resume", "register_model"]
     cfg = TrainConfig.load(args.config, {k: getattr(args, k) for k in keys})
     from pipeline.trainer import run_training
 

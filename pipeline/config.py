@@ -61,6 +61,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     center_sync_check_every: int = 0  # >0: all-gather a center checksum every N steps and assert
     storage_path: str = "runs"  # Ray Train run storage (local path or s3://)
+    resume: bool = False  # continue run_name from its latest checkpoint in storage_path
     # tracking
     experiment_name: str = "rshnl"
     run_name: str = ""
@@ -110,6 +111,7 @@ class TrainConfig:
         need(self.workers >= 1, "workers", "must be ≥ 1")
         need(self.batch_size >= self.workers, "batch_size", "must be at least the worker count")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        need(not self.resume or bool(self.run_name), "resume", "needs the run_name to resume")
         need(self.max_failures >= 0, "max_failures", "must be ≥ 0")
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "must be ≥ 0")
         need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -241,6 +242,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
     monitor = loop_config.get("monitor")  # driver-side actor: attempts and per-epoch timings
     if rank == 0 and monitor is not None:
         ray.get(monitor.start_attempt.remote())
+    if _distributed():
+        dist.barrier()  # every rank registers under the attempt rank 0 just opened
+    if monitor is not None:
+        monitor.register_worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
     if _distributed():

@@ -5,6 +5,7 @@ split, log and register the model. One code path for 1..N workers."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 from feature_store.store import open_dataset
 from pipeline import tracking
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import EvalSplit, feature_normalisation, training_dataset
 from pipeline.serving import WEIGHTS, load_model_file
 from pipeline.train_loop import SCORE, evaluate_split, train_func
@@ -46,7 +47,7 @@ def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
     )
 
 
-def _run_monitor():
+def _run_monitor(run_name: str):
     """A small actor beside the run: counts worker-group starts and collects epoch timings."""
     import ray
 
@@ -55,6 +56,7 @@ def _run_monitor():
         def __init__(self) -> None:
             self.attempts = 0
             self.timings: dict[int, dict[str, float]] = {}
+            self.workers: dict[int, dict[str, Any]] = {}
 
         def start_attempt(self) -> int:
             self.attempts += 1
@@ -63,10 +65,52 @@ def _run_monitor():
         def record(self, epoch: int, timing: dict[str, float]) -> None:
             self.timings[epoch] = timing
 
+        def register_worker(self, rank: int, pid: int, node_id: str) -> None:
+            self.workers[rank] = {"pid": pid, "node_id": node_id, "attempt": self.attempts}
+
+        def status(self) -> dict[str, Any]:
+            return {
+                "attempts": self.attempts,
+                "epochs_done": len(self.timings),
+                "workers": dict(self.workers),
+            }
+
         def get(self) -> tuple[int, dict[int, dict[str, float]]]:
             return self.attempts, self.timings
 
-    return RunMonitor.remote()
+    return RunMonitor.options(name=f"rshnl-monitor-{run_name}", get_if_exists=True).remote()
+
+
+RUN_INFO = "rshnl_run.json"
+
+
+def _storage(cfg: TrainConfig) -> str:
+    return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+
+
+def _run_info(cfg: TrainConfig, run_name: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(_storage(cfg))
+    return fs, f"{root.rstrip('/')}/{run_name}/{RUN_INFO}"
+
+
+def read_run_info(cfg: TrainConfig, run_name: str) -> dict[str, Any] | None:
+    """The MLflow run of an earlier attempt of ``run_name`` in the storage path, if any."""
+    import pyarrow.fs as pafs
+
+    fs, path = _run_info(cfg, run_name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _write_run_info(cfg: TrainConfig, run_name: str, info: dict[str, Any]) -> None:
+    fs, path = _run_info(cfg, run_name)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(info).encode())
 
 
 def _execution_options():
@@ -97,7 +141,20 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None) -> dict[st
         **versions,
         **cfg.tags,
     }
-    run_id = tracking.start_run(tracking_uri, cfg.experiment_name, run_name, params, tags)
+    previous = read_run_info(cfg, run_name) if cfg.run_name else None
+    if previous and not cfg.resume:
+        raise ConfigError(
+            f"run '{run_name}' already exists in {_storage(cfg)}; pass --resume to continue it "
+            "from its latest checkpoint, or choose another --run-name"
+        )
+    if cfg.resume and not previous:
+        raise ConfigError(f"--resume: no run '{run_name}' in {_storage(cfg)} to resume")
+    if previous:
+        run_id = previous["mlflow_run_id"]
+        log.info("resuming run %s (MLflow run %s) from its latest checkpoint", run_name, run_id)
+    else:
+        run_id = tracking.start_run(tracking_uri, cfg.experiment_name, run_name, params, tags)
+        _write_run_info(cfg, run_name, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
     log.info("MLflow run %s (%s) at %s", run_id, run_name, tracking_uri)
     try:
         summary = _fit(cfg, ds, normalisation, run_name, run_id, tracking_uri, ray_address)
@@ -148,10 +205,8 @@ def _fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(cfg, ray_address)
-    monitor = _run_monitor()
-    storage = (
-        cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    )
+    monitor = _run_monitor(run_name)
+    storage = _storage(cfg)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -198,6 +253,7 @@ def _fit(
     import ray
 
     attempts, timings = ray.get(monitor.get.remote())
+    ray.kill(monitor)
     restarts = max(0, attempts - 1)
     summary = {
         "run_name": run_name,
