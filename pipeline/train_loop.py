@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -430,10 +429,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 metrics["history"] = history
         # Every epoch's checkpoint is scored by its validation MAP; Ray keeps the best and latest.
         t0 = time.perf_counter()
+        # The upload overlaps the next epoch; Ray deletes the local directory once it is stored.
         checkpoint_obj = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint_obj)
-        if ckpt_dir is not None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint_obj,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
         timer.add("report", time.perf_counter() - t0)
         if rank == 0 and monitor is not None:
             monitor.record.remote(epoch + 1, timer.t | {"wall": time.perf_counter() - t_epoch})

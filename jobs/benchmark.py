@@ -1,0 +1,162 @@
+"""Benchmarks of the training path.
+
+``scaling``: seconds per epoch of a plain single-process PyTorch loop over in-memory tensors and of
+Ray Train runs with 1..N workers, measured in one invocation, with the time each Ray epoch spends
+outside the training step (data wait, end-of-epoch gathers, evaluation, checkpoint, report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+from jobs._cli import EXIT_OK, run_main, setup_logging, write_json_atomic
+from pipeline.config import TrainConfig
+
+log = logging.getLogger("jobs.benchmark")
+
+PHASES = ("data_wait", "step", "gather", "eval", "checkpoint", "report")
+
+
+def plain_loop_seconds(cfg: TrainConfig, epochs: int, threads: int) -> list[float]:
+    """Seconds per epoch of the same model, loss and optimizer in one process, no Ray, no eval."""
+    import numpy as np
+    import torch
+
+    from feature_store import schema as S
+    from feature_store.store import open_dataset
+    from pipeline.data import feature_normalisation
+    from pipeline.train_loop import build_model, compute_loss, seed_everything
+
+    torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+    ds = open_dataset(cfg.dataset)
+    a = ds.read_arrays("train", [S.IMAGE, S.TEXT, S.LABEL])
+    image = torch.as_tensor(a[S.IMAGE], dtype=torch.float32)
+    text = torch.as_tensor(a[S.TEXT], dtype=torch.float32)
+    label = torch.as_tensor(a[S.LABEL].astype(np.float32))
+    model = build_model(cfg, ds.dims, ds.num_classes)
+    for m, (mean, scale) in feature_normalisation(ds).items():
+        model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    out = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(image.shape[0])
+        for s in range(0, image.shape[0], cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            terms = compute_loss(model, image[idx], text[idx], label[idx], cfg, epoch, False)
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            opt.step()
+        out.append(time.perf_counter() - t0)
+        log.info("plain loop epoch %d/%d %.2fs", epoch + 1, epochs, out[-1])
+    return out
+
+
+def _steady(values: list[float]) -> float:
+    """Mean over epochs after the first (which pays one-off start-up costs)."""
+    tail = values[1:] or values
+    return sum(tail) / len(tail)
+
+
+def scaling(cfg: TrainConfig, worker_counts: list[int], threads: int) -> dict[str, Any]:
+    from feature_store.store import open_dataset
+    from pipeline.trainer import run_training
+
+    n_train = open_dataset(cfg.dataset).manifest["counts"]["train"]
+    rows: list[dict[str, Any]] = []
+    plain = plain_loop_seconds(cfg, cfg.epochs, threads)
+    steady = _steady(plain)
+    rows.append({"mode": "plain", "workers": 1, "train_s": steady, "wall_s": steady})
+    for w in worker_counts:
+        run_cfg = cfg.replace(
+            workers=w,
+            cpus_per_worker=max(threads / w, 0.5) if w > 1 else float(threads),
+            register_model=False,
+            run_name="",
+        )
+        s = run_training(run_cfg)
+        t = s["epoch_timings"]
+        row: dict[str, Any] = {"mode": "ray", "workers": w}
+        for p in PHASES:
+            row[p] = _steady([e.get(p, 0.0) for e in t])
+        row["train_s"] = row["data_wait"] + row["step"]
+        row["wall_s"] = _steady([e.get("wall", 0.0) for e in t])
+        rows.append(row)
+    for r in rows:
+        r["samples_per_s"] = n_train / r["train_s"]
+        r["outside_step_s"] = r["wall_s"] - (r.get("step", r["train_s"]))
+    base = rows[0]
+    one = next((r for r in rows if r["mode"] == "ray" and r["workers"] == 1), None)
+    ratios = {}
+    if one is not None:
+        ratios = {
+            "ray1_train_over_plain": one["train_s"] / base["train_s"],
+            "ray1_wall_over_plain": one["wall_s"] / base["train_s"],
+        }
+    return {"rows": rows, "ratios": ratios, "train_items": n_train, "epochs": cfg.epochs}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = ["mode", "workers", "samples/s", "train s/ep", "wall s/ep", *PHASES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [
+            r["mode"],
+            str(r["workers"]),
+            f"{r['samples_per_s']:.0f}",
+            f"{r['train_s']:.2f}",
+            f"{r['wall_s']:.2f}",
+        ] + [f"{r[p]:.2f}" if p in r else "-" for p in PHASES]
+        lines.append("| " + " | ".join(cells) + " |")
+    for k, v in result["ratios"].items():
+        lines.append(f"{k}: {v:.3f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("scaling", help="plain loop vs Ray Train with 1..N workers")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--config", help="YAML with TrainConfig keys (e.g. configs/wiki.yaml)")
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    s.add_argument("--threads", type=int, default=2, help="CPU threads for the whole run")
+    s.add_argument("--use-gpu", action="store_true")
+    s.add_argument("--summary-json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    cfg = TrainConfig.load(
+        args.config,
+        {
+            "dataset": args.dataset,
+            "epochs": args.epochs,
+            "use_gpu": args.use_gpu or None,
+            "experiment_name": "benchmark",
+        },
+    )
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    result = scaling(cfg, workers, args.threads)
+    table = format_table(result)
+    log.info("scaling (steady-state epochs 2..%d):\n%s", cfg.epochs, table)
+    print(table)
+    if args.summary_json:
+        write_json_atomic(args.summary_json, result)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    run_main(main)
