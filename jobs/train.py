@@ -41,6 +41,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--centers": ("centers", str),
     "--global-negatives": ("global_negatives", str),
     "--shuffle-buffer": ("shuffle_buffer", int),
+    "--placement-strategy": ("placement_strategy", str),
 }
 
 

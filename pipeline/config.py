@@ -56,6 +56,7 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD
     bf16: bool = False  # autocast the MLPs to bfloat16 (losses stay fp32)
     max_failures: int = 0
     eval_batch_size: int = 2048
@@ -112,6 +113,11 @@ class TrainConfig:
         need(self.batch_size >= self.workers, "batch_size", "must be at least the worker count")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         need(not self.resume or bool(self.run_name), "resume", "needs the run_name to resume")
+        need(
+            self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            "placement_strategy",
+            "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
+        )
         need(self.max_failures >= 0, "max_failures", "must be ≥ 0")
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "must be ≥ 0")
         need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")

@@ -221,6 +221,7 @@ def _fit(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
