@@ -1,7 +1,25 @@
-"""Versioned datasets: ``<store>/<name>/v<N>/{train,valid,test}.parquet`` + ``manifest.json``.
+"""Versioned datasets in a local directory or under ``s3://bucket/prefix``.
 
-A version is written under a temporary name and renamed into place only when complete, so a
-failed or interrupted write never leaves a partial version behind.
+Layout: ``STORE/NAME/vN/`` holds one Parquet file per split (``train.parquet``, ``valid.parquet``,
+``test.parquet`` for single-label sets; ``train``/``query``/``database`` (+ ``valid``) for
+multi-label sets; see :mod:`feature_store.schema`) and ``manifest.json``. The manifest records the
+schema, dims, classes, label kind, ordered splits and per-split counts, the noise spec and seed,
+the import protocol (e.g. the validation carve-out), the source file's checksum, and every file's
+SHA-256, size and row count. :func:`open_dataset` verifies the files against it before any work.
+
+Versions are immutable. Locally a version is written into ``NAME/.vN.tmp-XXXX/`` and renamed to
+``vN`` only when complete (atomic on one filesystem). On S3, where there is no rename, the writer
+first claims ``vN`` with a conditional PUT of ``vN/.writing``, writes the data files, and commits by
+a conditional PUT of ``manifest.json`` (``If-None-Match: *``); a version without a manifest is not
+a version, and any failure deletes what was written, so the store is left as it was.
+
+A noisy copy (:func:`write_noisy_copy`) is a new version holding only a label overlay,
+``train.labels.parquet`` (item_id, label, clean_label, is_noisy in the base's row order); its
+manifest lists the base's feature files by reference (``"ref": "NAME/vK/train.parquet"``,
+relative to the store root, with their checksums), so features are never copied. The reader
+resolves references and joins the overlay's label columns onto the feature rows:
+``read_table`` / ``read_arrays`` / ``iter_batches`` / ``ray_dataset`` work the same on both kinds
+of version; ``split_uri`` gives a single file's URI and refuses a split that has an overlay.
 """
 
 from __future__ import annotations
@@ -11,9 +29,11 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,38 +45,384 @@ import pyarrow.parquet as pq
 
 from feature_store import schema as S
 from feature_store.errors import FeatureStoreError
+from feature_store.location import Location, check_s3_access, resolve, s3_client, s3_error
+from feature_store.noise import check_noise, corrupt, default_mode
+from feature_store.plan import ImportPlan
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "rshnl-feature-store/1"
+FORMAT = "rshnl-feature-store/2"
+READABLE_FORMATS = ("rshnl-feature-store/1", FORMAT)
+CLAIM = ".writing"
+TARGET_ROW_GROUP_BYTES = 64 << 20
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def row_group_rows(image_dim: int, text_dim: int, num_classes: int) -> int:
+    """Rows per Parquet row group: about 64 MiB of features, between 1,024 and 1,048,576 rows."""
+    row_bytes = 4 * (image_dim + text_dim) + 2 * num_classes + 16
+    return int(min(max(TARGET_ROW_GROUP_BYTES // row_bytes, 1024), 1 << 20))
 
 
-def _local_path(uri: str) -> Path | None:
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if "://" in uri:
-        return None
-    return Path(uri)
+def _is_s3_error(e: BaseException) -> bool:
+    return type(e).__module__.startswith(("botocore", "boto3")) or "AWS Error" in str(e)
 
 
-def _next_version(dataset_dir: Path) -> int:
-    versions = [
-        int(m.group(1))
-        for p in (dataset_dir.iterdir() if dataset_dir.exists() else [])
-        if (m := _VERSION_RE.match(p.name))
-    ]
-    return max(versions, default=0) + 1
+class _HashingSink:
+    """A write-only file object that hashes and counts what passes through to ``raw``."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw, self._h, self.size, self.closed = raw, hashlib.sha256(), 0, False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._h.update(view)
+        self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+            self.closed = True
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _versions(fs: pafs.FileSystem, dataset_path: str) -> dict[int, str]:
+    """Version number → path of every ``vN`` entry (complete or not) under a dataset."""
+    infos = fs.get_file_info(pafs.FileSelector(dataset_path, allow_not_found=True))
+    out = {}
+    for info in infos:
+        m = _VERSION_RE.match(info.base_name)
+        if m and info.type == pafs.FileType.Directory:
+            out[int(m.group(1))] = info.path
+    return out
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def check_target(store: str, name: str, version: int | None = None) -> Location:
+    """Refuse a bad dataset name, an unreachable store or an existing version, before any work."""
+    if not _NAME_RE.match(name):
+        raise FeatureStoreError(
+            f"dataset name '{name}' must match {_NAME_RE.pattern} (letters, digits, _ . -)"
+        )
+    if version is not None and version < 1:
+        raise FeatureStoreError(f"version {version} must be >= 1")
+    loc = resolve(store)
+    if loc.is_s3:
+        check_s3_access(loc, "write to")
+    if version is not None:
+        final = loc.child(name, f"v{version}")
+        try:
+            taken = _exists(loc.fs, final.path)
+        except OSError as e:
+            raise s3_error(e, loc, "list") from e
+        if taken:
+            raise FeatureStoreError(
+                f"version {final.uri} already exists; versions are immutable, write a new one "
+                "(omit --version) or choose another name"
+            )
+    elif not loc.is_s3 and Path(loc.path).exists() and not Path(loc.path).is_dir():
+        raise FeatureStoreError(f"store '{store}' is a file, not a directory")
+    return loc
+
+
+class _Staging:
+    """Writes one version: a temporary directory renamed into place, or an S3 claim + commit."""
+
+    def __init__(self, store: Location, name: str, version: int | None) -> None:
+        self.store, self.name = store, name
+        self.fs = store.fs
+        self.dataset = store.child(name)
+        self._created: list[Path] = []
+        self._written: list[str] = []
+        try:
+            taken = _versions(self.fs, self.dataset.path)
+        except OSError as e:
+            raise s3_error(e, store, "list") from e
+        self.number = version if version is not None else max(taken, default=0) + 1
+        self.final = self.dataset.child(f"v{self.number}")
+        if self.number in taken:
+            raise FeatureStoreError(
+                f"version {self.final.uri} already exists; versions are immutable, write a new "
+                "one (omit --version) or choose another name"
+            )
+        if store.is_s3:
+            self.dir = self.final.path
+            self._claim()
+        else:
+            for p in reversed([Path(self.dataset.path), *Path(self.dataset.path).parents]):
+                if not p.exists():
+                    p.mkdir()
+                    self._created.append(p)
+            tmp = f".v{self.number}.tmp-{uuid.uuid4().hex[:8]}"
+            self.dir = self.dataset.child(tmp).path
+            os.mkdir(self.dir)
+
+    def _key(self, fname: str) -> str:
+        return posixpath.join(self.final.key, fname)
+
+    def _claim(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        body = json.dumps({"writer": uuid.uuid4().hex, "at": _now()}).encode()
+        try:
+            s3_client().put_object(
+                Bucket=self.store.bucket, Key=self._key(CLAIM), Body=body, IfNoneMatch="*"
+            )
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                raise FeatureStoreError(
+                    f"version {self.final.uri} is being written by another writer; retry to get "
+                    "the next version number"
+                ) from e
+            raise s3_error(e, self.store, "write to") from e
+        except BotoCoreError as e:
+            raise s3_error(e, self.store, "write to") from e
+        self._written.append(self._key(CLAIM))
+
+    def open(self, fname: str) -> _HashingSink:
+        path = posixpath.join(self.dir, fname)
+        if self.store.is_s3:
+            self._written.append(self._key(fname))
+        return _HashingSink(self.fs.open_output_stream(path))
+
+    def commit(self, manifest: dict[str, Any]) -> str:
+        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        if self.store.is_s3:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            try:
+                client = s3_client()
+                client.put_object(
+                    Bucket=self.store.bucket,
+                    Key=self._key(MANIFEST),
+                    Body=body,
+                    IfNoneMatch="*",
+                    ContentType="application/json",
+                )
+                client.delete_object(Bucket=self.store.bucket, Key=self._key(CLAIM))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    raise FeatureStoreError(
+                        f"version {self.final.uri} was committed by another writer meanwhile"
+                    ) from e
+                raise s3_error(e, self.store, "commit") from e
+            except BotoCoreError as e:
+                raise s3_error(e, self.store, "commit") from e
+            return self.final.uri
+        with open(posixpath.join(self.dir, MANIFEST), "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(self.dir, self.final.path)  # atomic; fails if another writer took the name
+        except OSError as e:
+            raise FeatureStoreError(
+                f"version {self.final.uri} already exists (written by another writer "
+                "meanwhile); versions are immutable, retry to get the next number"
+            ) from e
+        return self.final.uri
+
+    def abort(self) -> None:
+        """Remove everything this write created, so the store is as it was."""
+        if self.store.is_s3:
+            try:
+                client = s3_client()
+                for key in reversed(self._written):
+                    client.delete_object(Bucket=self.store.bucket, Key=key)
+            except Exception as e:  # cleanup must not hide the original error
+                log.warning("could not remove the partial version %s: %s", self.final.uri, e)
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for p in reversed(self._created):
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_split(
+    staging: _Staging,
+    split: str,
+    plan: ImportPlan,
+    schema: pa.Schema,
+    rows_per_group: int,
+) -> dict[str, Any]:
+    """Stream one split's features into ``SPLIT.parquet``, one row group per chunk."""
+    sp = plan.splits[split]
+    n, where = len(sp), plan.label
+    fname = f"{split}.parquet"
+    sink = staging.open(fname)
+    writer = pq.ParquetWriter(sink, schema)
+    done = 0
+    try:
+        for img, txt in sp.features.chunks(rows_per_group):
+            m = len(img)
+            if len(txt) != m or done + m > n:
+                raise FeatureStoreError(
+                    f"{where}: split '{split}' yields more feature rows than its {n} labels "
+                    f"({sp.features.where(S.IMAGE)}); every item needs exactly one label"
+                )
+            blocks = {}
+            for col, block, d in (
+                (S.IMAGE, img, plan.dims["image"]),
+                (S.TEXT, txt, plan.dims["text"]),
+            ):
+                b32 = np.asarray(block, dtype=np.float32)
+                S.check_features(
+                    split,
+                    col,
+                    b32,
+                    row_offset=done,
+                    item_id=sp.item_id,
+                    width=d,
+                    source=sp.features.where(col),
+                )
+                blocks[col] = b32
+            table = S.rows_table(
+                split,
+                sp.item_id[done : done + m],
+                blocks[S.IMAGE],
+                blocks[S.TEXT],
+                sp.observed[done : done + m],
+                sp.clean_label[done : done + m],
+            )
+            writer.write_table(table, row_group_size=rows_per_group)
+            done += m
+            del table, blocks, img, txt
+        if done != n:
+            raise FeatureStoreError(
+                f"{where}: split '{split}' has {n} labels but only {done} feature rows "
+                f"({sp.features.where(S.IMAGE)}); every item needs both"
+            )
+    finally:
+        writer.close()
+        sink.close()
+    log.debug("wrote %s (%d rows, %d bytes)", fname, n, sink.size)
+    return {"sha256": sink.hexdigest(), "bytes": sink.size, "rows": n}
+
+
+def _write_labels(
+    staging: _Staging, fname: str, item_id: np.ndarray, label: np.ndarray, clean: np.ndarray
+) -> dict[str, Any]:
+    table = pa.Table.from_arrays(
+        [
+            pa.array(item_id, type=pa.int64()),
+            S.vectors(label, pa.uint8()),
+            S.vectors(clean, pa.uint8()),
+            pa.array(np.any(label != clean, axis=1), type=pa.bool_()),
+        ],
+        schema=S.label_schema(label.shape[1]),
+    )
+    sink = staging.open(fname)
+    try:
+        pq.write_table(table, sink, row_group_size=1 << 20)
+    finally:
+        sink.close()
+    return {"sha256": sink.hexdigest(), "bytes": sink.size, "rows": int(item_id.shape[0])}
+
+
+def write_version(
+    store: str,
+    name: str,
+    plan: ImportPlan,
+    *,
+    version: int | None = None,
+    rows_per_group: int | None = None,
+) -> str:
+    """Validate a plan and write it as a new immutable version; return the version's URI.
+
+    Labels, ids and splits are checked before anything is written; feature chunks are checked
+    as they stream into the temporary version. Any error removes the temporary version.
+    """
+    loc = check_target(store, name, version)
+    plan.validate()
+    dims, k = plan.dims, plan.num_classes
+    rows = rows_per_group or row_group_rows(dims["image"], dims["text"], k)
+    schema = S.arrow_schema(dims["image"], dims["text"], k)
+    staging = _Staging(loc, name, version)
+    try:
+        files = {
+            f"{split}.parquet": _write_split(staging, split, plan, schema, rows)
+            for split in plan.splits
+        }
+        manifest = _manifest(
+            name,
+            staging.number,
+            plan.label_kind,
+            list(plan.splits),
+            {s: len(sp) for s, sp in plan.splits.items()},
+            dims,
+            k,
+            schema,
+            files=files,
+            layout={s: {"features": f"{s}.parquet", "labels": None} for s in plan.splits},
+            noise=plan.noise,
+            protocol=plan.protocol,
+            source=plan.source,
+            class_names=plan.class_names,
+            rows_per_group=rows,
+        )
+        uri = staging.commit(manifest)
+    except BaseException as e:
+        staging.abort()
+        if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
+            raise s3_error(e, loc, "write to") from e
+        raise
+    log.info("wrote dataset %s/v%d %s", name, staging.number, manifest["counts"])
+    return uri
+
+
+def _manifest(
+    name: str,
+    number: int,
+    label_kind: str,
+    splits: list[str],
+    counts: dict[str, int],
+    dims: dict[str, int],
+    k: int,
+    schema: pa.Schema,
+    **extra: Any,
+) -> dict[str, Any]:
+    m = {
+        "format": FORMAT,
+        "name": name,
+        "version": number,
+        "created_at": _now(),
+        "schema": {f.name: str(f.type) for f in schema},
+        "dims": {"image": int(dims["image"]), "text": int(dims["text"])},
+        "num_classes": int(k),
+        "label_kind": label_kind,
+        "splits": splits,
+        "counts": counts,
+        "base": None,
+    }
+    m.update(extra)
+    return m
 
 
 def write_dataset(
@@ -66,70 +432,145 @@ def write_dataset(
     *,
     source: dict[str, Any],
     noise: dict[str, Any],
-    label_kind: str = "single",
+    label_kind: str = S.SINGLE,
     protocol: dict[str, Any] | None = None,
     class_names: list[str] | None = None,
     version: int | None = None,
 ) -> str:
-    """Validate and write a new immutable version; return its URI (an absolute path)."""
-    root = _local_path(store)
-    if root is None:
-        raise FeatureStoreError(f"store '{store}': only local stores can be written to for now")
-    if not _NAME_RE.match(name):
-        raise FeatureStoreError(f"dataset name '{name}' must match {_NAME_RE.pattern}")
+    """Write in-memory splits (observed labels already final) as a new version; return its URI."""
     S.validate_splits(splits, source=str(source.get("path", name)), label_kind=label_kind)
+    plan = ImportPlan.from_arrays(
+        splits,
+        label_kind=label_kind,
+        source=source,
+        protocol=protocol,
+        class_names=class_names,
+        noise=noise,
+    )
+    return write_version(store, name, plan, version=version)
 
-    dataset_dir = root.resolve() / name
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    number = version if version is not None else _next_version(dataset_dir)
-    final = dataset_dir / f"v{number}"
-    if final.exists():
-        raise FeatureStoreError(
-            f"version {final} already exists; versions are immutable, write a new one "
-            "(omit --version) or choose another name"
-        )
-    tmp = dataset_dir / f".v{number}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+
+def write_noisy_copy(
+    base_uri: str,
+    *,
+    mode: str | None,
+    rate: float,
+    seed: int,
+    flip_map: dict[int, int] | None = None,
+    name: str | None = None,
+    version: int | None = None,
+) -> str:
+    """A new version with noisy train labels that shares the base version's feature files.
+
+    Noise is drawn from the base's clean labels (so copies of copies do not compound). The new
+    version lives in the same store, as the next version of ``name`` (default: the base's name).
+    """
+    base = open_dataset(base_uri)
+    kind, k = base.label_kind, base.num_classes
+    mode = mode or default_mode(kind)
+    check_noise(mode, rate, label_kind=kind, num_classes=k, flip_map=flip_map)
+    store = base.store_location
+    name = name or base.manifest["name"]
+    loc = check_target(store.uri, name, version)
+    train = base.read_arrays("train", [S.ITEM_ID, S.CLEAN_LABEL])
+    noisy, spec = corrupt(
+        train[S.CLEAN_LABEL], mode, rate, seed, label_kind=kind, flip_map=flip_map
+    )
+    files: dict[str, Any] = {}
+    for fname, meta in base.manifest["files"].items():
+        if fname.endswith(".labels.parquet"):
+            continue  # superseded by this copy's overlay
+        ref = meta.get("ref") or f"{base.manifest['name']}/v{base.manifest['version']}/{fname}"
+        files[fname] = {k_: v for k_, v in meta.items() if k_ != "ref"} | {"ref": ref}
+    layout = {s: dict(v) for s, v in base.layout.items()}
+    staging = _Staging(loc, name, version)
     try:
-        files: dict[str, Any] = {}
-        for split in S.SPLITS:
-            fname = f"{split}.parquet"
-            table = splits[split].to_table(split)
-            pq.write_table(table, tmp / fname, row_group_size=65536)
-            files[fname] = {
-                "sha256": _sha256_file(tmp / fname),
-                "bytes": (tmp / fname).stat().st_size,
-                "rows": table.num_rows,
-            }
-        train = splits["train"]
-        manifest = {
-            "format": FORMAT,
-            "name": name,
-            "version": number,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "schema": {f.name: str(f.type) for f in splits["train"].to_table("train").schema},
-            "dims": {"image": int(train.image.shape[1]), "text": int(train.text.shape[1])},
-            "num_classes": int(train.label.shape[1]),
-            "class_names": class_names,
-            "label_kind": label_kind,
-            "counts": {s: len(splits[s]) for s in S.SPLITS},
-            "noise": noise,
-            "protocol": protocol or {},
-            "source": source,
-            "files": files,
+        overlay = "train.labels.parquet"
+        files[overlay] = _write_labels(
+            staging, overlay, train[S.ITEM_ID], noisy, train[S.CLEAN_LABEL]
+        )
+        layout["train"]["labels"] = overlay
+        m = base.manifest
+        manifest = _manifest(
+            name,
+            staging.number,
+            kind,
+            list(base.splits),
+            dict(m["counts"]),
+            base.dims,
+            k,
+            S.arrow_schema(base.dims["image"], base.dims["text"], k),
+            files=files,
+            layout=layout,
+            noise=spec,
+            protocol=m.get("protocol", {}),
+            source=m.get("source", {}),
+            class_names=m.get("class_names"),
+            rows_per_group=m.get("rows_per_group"),
+        )
+        manifest["base"] = {
+            "name": m["name"],
+            "version": m["version"],
+            "data_version": base.data_version,
+            "uri": base.uri,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.rename(tmp, final)  # atomic on one filesystem; fails if another writer took the name
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        uri = staging.commit(manifest)
+    except BaseException as e:
+        staging.abort()
+        if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
+            raise s3_error(e, loc, "write to") from e
         raise
-    log.info("wrote dataset %s/v%d (%s)", name, number, manifest["counts"])
-    return str(final)
+    log.info("wrote noisy copy %s/v%d of %s: %s", name, staging.number, base.data_version, spec)
+    return uri
+
+
+def list_versions(store: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Summaries of the complete versions in a store (or of one dataset), oldest first."""
+    loc = resolve(store)
+    if loc.is_s3:
+        check_s3_access(loc, "list")
+    fs = loc.fs
+    try:
+        if name is not None:
+            names = [name]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+            names = sorted(
+                i.base_name
+                for i in infos
+                if i.type == pafs.FileType.Directory and _NAME_RE.match(i.base_name)
+            )
+        out = []
+        for ds in names:
+            for number, path in sorted(_versions(fs, loc.child(ds).path).items()):
+                mpath = posixpath.join(path, MANIFEST)
+                if not _exists(fs, mpath):
+                    log.warning("%s/v%d has no manifest: an incomplete write, skipped", ds, number)
+                    continue
+                with fs.open_input_stream(mpath) as f:
+                    m = json.loads(f.read().decode())
+                out.append(
+                    {
+                        "name": ds,
+                        "version": number,
+                        "uri": loc.child(ds, f"v{number}").uri,
+                        "label_kind": m.get("label_kind", S.SINGLE),
+                        "counts": m.get("counts", {}),
+                        "noise": {
+                            key: m.get("noise", {}).get(key) for key in ("mode", "rate", "seed")
+                        },
+                        "base": (m.get("base") or {}).get("data_version"),
+                        "created_at": m.get("created_at"),
+                    }
+                )
+    except OSError as e:
+        raise s3_error(e, loc, "list") from e
+    return out
 
 
 @dataclass
 class DatasetVersion:
-    """A verified, read-only dataset version."""
+    """A verified, read-only dataset version (local or S3; a base version or a noisy copy)."""
 
     uri: str
     manifest: dict[str, Any]
@@ -145,6 +586,31 @@ class DatasetVersion:
         return dict(self.manifest["dims"])
 
     @property
+    def label_kind(self) -> str:
+        return str(self.manifest.get("label_kind", S.SINGLE))
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits in protocol order (train/valid/test or train/[valid/]query/database)."""
+        return tuple(self.manifest.get("splits") or self.manifest["counts"])
+
+    @property
+    def layout(self) -> dict[str, dict[str, str | None]]:
+        """Per split: its feature file and its label overlay file (None without one)."""
+        return self.manifest.get("layout") or {
+            s: {"features": f"{s}.parquet", "labels": None} for s in self.splits
+        }
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self._fs
+
+    @property
+    def store_location(self) -> Location:
+        """The store this version belongs to (two levels above the version)."""
+        return resolve(self.uri).parent().parent()
+
+    @property
     def data_version(self) -> str:
         """Short stable identifier: name, version and a digest of the file checksums."""
         digest = hashlib.sha256(
@@ -152,14 +618,79 @@ class DatasetVersion:
         ).hexdigest()[:12]
         return f"{self.manifest['name']}/v{self.manifest['version']}@{digest}"
 
-    def split_uri(self, split: str) -> str:
-        self._check_split(split)
-        return self.uri.rstrip("/") + f"/{split}.parquet"
+    def file_path(self, fname: str) -> str:
+        """Filesystem path of a manifest file, following a reference into another version."""
+        ref = self.manifest["files"].get(fname, {}).get("ref")
+        if not ref:
+            return f"{self._path}/{fname}"
+        store = posixpath.dirname(posixpath.dirname(self._path))
+        return posixpath.normpath(posixpath.join(store, ref))
 
-    def read_table(self, split: str, columns: list[str] | tuple[str, ...]) -> pa.Table:
-        self._check_split(split)
-        with self._fs.open_input_file(f"{self._path}/{split}.parquet") as f:
-            return pq.read_table(f, columns=list(columns))
+    def _uri_of(self, path: str) -> str:
+        return f"s3://{path}" if self.uri.startswith("s3://") else path
+
+    def split_uri(self, split: str) -> str:
+        """URI of the one Parquet file that holds a split (refused for a label overlay)."""
+        lay = self._layout(split)
+        if lay.get("labels"):
+            raise FeatureStoreError(
+                f"{self.uri}: split '{split}' is a label overlay on shared feature files (a "
+                "noisy copy); read it with DatasetVersion.ray_dataset / read_table / "
+                "iter_batches, which join the labels onto the features"
+            )
+        return self._uri_of(self.file_path(str(lay["features"])))
+
+    def _layout(self, split: str) -> dict[str, str | None]:
+        if split not in self.splits:
+            hint = ""
+            if self.label_kind == S.MULTI and split == "test":
+                hint = "; a multi-label version is evaluated query against database"
+            raise FeatureStoreError(
+                f"{self.uri}: no split '{split}' (has {list(self.splits)}){hint}"
+            )
+        return self.layout[split]
+
+    def _columns(self, split: str, columns: Any) -> tuple[list[str], list[str], str | None]:
+        cols = list(S.ALL_COLUMNS if columns is None else columns)
+        unknown = [c for c in cols if c not in S.ALL_COLUMNS]
+        if unknown:
+            raise FeatureStoreError(
+                f"{self.uri}: unknown column(s) {unknown}; see feature_store.schema"
+            )
+        overlay = self._layout(split).get("labels")
+        label_cols = [c for c in cols if overlay and c in S.LABEL_COLUMNS]
+        return cols, label_cols, overlay
+
+    def _parquet(self, fname: str) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(self._fs.open_input_file(self.file_path(fname)))
+        except OSError as e:
+            if self.uri.startswith("s3://"):
+                raise s3_error(e, resolve(self.uri), "read") from e
+            raise FeatureStoreError(f"{self.uri}: cannot read {fname}: {e}") from e
+
+    def _overlay_table(self, overlay: str, label_cols: list[str]) -> pa.Table:
+        return self._parquet(overlay).read(columns=[S.ITEM_ID, *label_cols])
+
+    def read_table(
+        self, split: str, columns: list[str] | tuple[str, ...] | None = None
+    ) -> pa.Table:
+        """Columns of one split as an Arrow table (a noisy copy's labels joined on)."""
+        cols, label_cols, overlay = self._columns(split, columns)
+        feat_cols = [c for c in cols if c not in label_cols]
+        lay = self._layout(split)
+        need = list(dict.fromkeys(feat_cols + ([S.ITEM_ID] if label_cols else [])))
+        t = self._parquet(str(lay["features"])).read(columns=need or [S.ITEM_ID])
+        if not label_cols:
+            return t.select(cols)
+        lt = self._overlay_table(str(overlay), label_cols)
+        if not t.column(S.ITEM_ID).equals(lt.column(S.ITEM_ID)):
+            raise FeatureStoreError(
+                f"{self.uri}: the label overlay of split '{split}' is not aligned with its "
+                "feature file; the store was modified, re-create the noisy copy"
+            )
+        data = {c: (lt.column(c) if c in label_cols else t.column(c)) for c in cols}
+        return pa.table(data)
 
     def read_arrays(
         self, split: str, columns: list[str] | tuple[str, ...]
@@ -170,60 +701,153 @@ class DatasetVersion:
         for col in columns:
             arr = table.column(col).combine_chunks()
             if pa.types.is_fixed_size_list(arr.type):
-                out[col] = arr.values.to_numpy(zero_copy_only=False).reshape(
-                    len(arr), arr.type.list_size
-                )
+                out[col] = S.to_matrix(arr)
             else:
                 out[col] = arr.to_numpy(zero_copy_only=False)
         return out
 
-    def _check_split(self, split: str) -> None:
-        if split not in self.manifest["counts"]:
-            raise FeatureStoreError(
-                f"{self.uri}: no split '{split}' (has {sorted(self.manifest['counts'])})"
-            )
+    def iter_batches(
+        self,
+        split: str,
+        columns: list[str] | tuple[str, ...] | None = None,
+        batch_rows: int | None = None,
+    ) -> Iterator[pa.Table]:
+        """Stream a split in row-group-sized tables (one row group of features at a time)."""
+        cols, label_cols, overlay = self._columns(split, columns)
+        feat_cols = [c for c in cols if c not in label_cols]
+        need = list(dict.fromkeys(feat_cols + ([S.ITEM_ID] if label_cols else []))) or [S.ITEM_ID]
+        pf = self._parquet(str(self._layout(split)["features"]))
+        if batch_rows:
+            rows = batch_rows
+        elif pf.num_row_groups:
+            rows = max(pf.metadata.row_group(0).num_rows, 1)
+        else:
+            rows = 1
+        labels = self._overlay_table(str(overlay), label_cols) if label_cols else None
+        pos = 0
+        for batch in pf.iter_batches(batch_size=rows, columns=need):
+            t = pa.Table.from_batches([batch])
+            if labels is not None:
+                part = labels.slice(pos, t.num_rows)
+                if not t.column(S.ITEM_ID).equals(part.column(S.ITEM_ID)):
+                    raise FeatureStoreError(
+                        f"{self.uri}: the label overlay of split '{split}' is not aligned with "
+                        "its feature file; re-create the noisy copy"
+                    )
+                t = pa.table(
+                    {c: (part.column(c) if c in label_cols else t.column(c)) for c in cols}
+                )
+            pos += t.num_rows
+            yield t.select(cols)
+
+    def ray_dataset(
+        self, split: str, columns: list[str] | tuple[str, ...] = S.TRAINING_COLUMNS
+    ) -> Any:
+        """A ``ray.data.Dataset`` of one split's columns, read through this version's filesystem.
+
+        For a noisy copy the label columns are joined onto the shared feature rows by item id
+        inside each block, so workers see the copy's labels without a copy of the features.
+        """
+        import ray.data
+
+        cols, label_cols, overlay = self._columns(split, columns)
+        path = self.file_path(str(self._layout(split)["features"]))
+        if not label_cols:
+            return ray.data.read_parquet(path, filesystem=self._fs, columns=cols)
+        feat_cols = [c for c in cols if c not in label_cols]
+        need = list(dict.fromkeys([S.ITEM_ID, *feat_cols]))
+        lt = self._overlay_table(str(overlay), label_cols)
+        ids = lt.column(S.ITEM_ID).to_numpy()
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        label_arrays = {c: lt.column(c).combine_chunks() for c in label_cols}
+
+        def join(batch: pa.Table) -> pa.Table:
+            bid = batch.column(S.ITEM_ID).to_numpy()
+            pos = np.searchsorted(sorted_ids, bid)
+            if pos.size and (pos.max() >= sorted_ids.size or (sorted_ids[pos] != bid).any()):
+                raise FeatureStoreError("label overlay lacks some item ids of the feature file")
+            take = pa.array(order[pos])
+            data = {
+                c: (label_arrays[c].take(take) if c in label_cols else batch.column(c))
+                for c in cols
+            }
+            return pa.table(data)
+
+        return ray.data.read_parquet(path, filesystem=self._fs, columns=need).map_batches(
+            join, batch_format="pyarrow", zero_copy_batch=True
+        )
+
+
+def _dataset_hint(fs: pafs.FileSystem, path: str, uri: str) -> str:
+    """Why a URI has no manifest: a dataset directory, an incomplete write, or nothing."""
+    try:
+        versions = _versions(fs, path)
+        if versions:
+            names = ", ".join(f"v{n}" for n in sorted(versions))
+            latest = f"{uri}/v{max(versions)}"
+            return f"; it is a dataset directory with versions {names}: pass one, e.g. {latest}"
+        if _exists(fs, posixpath.join(path, CLAIM)) or (
+            _VERSION_RE.match(posixpath.basename(path)) and _exists(fs, path)
+        ):
+            return "; the version is incomplete (a write in progress or one that failed)"
+    except OSError:
+        pass
+    return (
+        "; pass the URI of a version directory (e.g. STORE/NAME/v1) as printed by "
+        "`python -m jobs.ingest`"
+    )
 
 
 def open_dataset(uri: str, *, verify: bool = True) -> DatasetVersion:
     """Open a dataset version and (by default) verify every file against its manifest checksum."""
+    loc = resolve(uri)
+    if loc.is_s3:
+        check_s3_access(loc, "read")
+    fs, path = loc.fs, loc.path
     try:
-        fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FeatureStoreError(f"dataset URI '{uri}' cannot be opened: {e}") from e
-    path = path.rstrip("/")
-    info = fs.get_file_info(f"{path}/{MANIFEST}")
+        info = fs.get_file_info(f"{path}/{MANIFEST}")
+    except OSError as e:
+        raise s3_error(e, loc, "read") from e
     if info.type != pafs.FileType.File:
         raise FeatureStoreError(
-            f"dataset '{uri}' has no {MANIFEST}; pass the URI of a version directory "
-            "(e.g. STORE/NAME/v1) as printed by `python -m jobs.ingest`"
+            f"dataset '{uri}' has no {MANIFEST}" + _dataset_hint(fs, path, loc.uri)
         )
     with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
         try:
             manifest = json.loads(f.read().decode())
         except json.JSONDecodeError as e:
             raise FeatureStoreError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise FeatureStoreError(
-            f"{uri}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}"
+            f"{uri}/{MANIFEST}: format {manifest.get('format')!r}, expected one of "
+            f"{list(READABLE_FORMATS)}"
         )
+    ds = DatasetVersion(uri=loc.uri, manifest=manifest, _fs=fs, _path=path)
     for fname, meta in manifest["files"].items():
-        finfo = fs.get_file_info(f"{path}/{fname}")
+        fpath = ds.file_path(fname)
+        shown = fname if not meta.get("ref") else f"{fname} (shared: {meta['ref']})"
+        try:
+            finfo = fs.get_file_info(fpath)
+        except OSError as e:
+            raise s3_error(e, loc, "read") from e
         if finfo.type != pafs.FileType.File:
-            raise FeatureStoreError(f"{uri}: file {fname} listed in the manifest is missing")
+            raise FeatureStoreError(
+                f"{uri}: file {shown} listed in the manifest is missing; restore it or re-import"
+            )
         if finfo.size != meta["bytes"]:
             raise FeatureStoreError(
-                f"{uri}: {fname} has {finfo.size} bytes, manifest says {meta['bytes']}; "
+                f"{uri}: {shown} has {finfo.size} bytes, manifest says {meta['bytes']}; "
                 "the version was modified after it was written, re-import it"
             )
         if verify:
             h = hashlib.sha256()
-            with fs.open_input_stream(f"{path}/{fname}") as f:
+            with fs.open_input_stream(fpath) as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
             if h.hexdigest() != meta["sha256"]:
                 raise FeatureStoreError(
-                    f"{uri}: {fname} checksum mismatch against {MANIFEST}; "
+                    f"{uri}: {shown} checksum mismatch against {MANIFEST}; "
                     "the version was modified after it was written, re-import it"
                 )
-    display = uri if "://" in uri else os.path.abspath(uri)
-    return DatasetVersion(uri=display, manifest=manifest, _fs=fs, _path=path)
+    return ds

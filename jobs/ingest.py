@@ -1,6 +1,9 @@
-"""Import features into the feature store as a new dataset version.
+"""Import features into the feature store as a new dataset version, or list and show versions.
 
-The URI of the written version is printed as the last line of stdout.
+STORE is a local directory or s3://bucket/prefix (endpoint, region and credentials come from the
+standard AWS environment variables). Importing commands print the URI of the written version as
+the last line of stdout; bad input exits with code 2 and one line on stderr, and leaves the store
+as it was.
 """
 
 from __future__ import annotations
@@ -8,29 +11,98 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import Any
 
-from feature_store.noise import NOISE_MODES, apply_noise
-from feature_store.store import open_dataset, write_dataset
+from feature_store import schema as S
+from feature_store.errors import FeatureStoreError
+from feature_store.noise import NOISE_MODES, parse_flip_map
+from feature_store.plan import ImportPlan
+from feature_store.store import (
+    check_target,
+    list_versions,
+    open_dataset,
+    write_noisy_copy,
+    write_version,
+)
 from jobs._cli import EXIT_OK, run_main, setup_logging
 
 log = logging.getLogger("jobs.ingest")
 
 
 def _noise_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--noise-rate", type=float, default=0.0, help="share of training items to relabel"
+    g = p.add_argument_group("label noise (train split only; clean labels are kept)")
+    g.add_argument(
+        "--noise-rate", type=float, default=0.0, help="share of training items to corrupt"
     )
-    p.add_argument("--noise-mode", choices=NOISE_MODES, default="symmetric")
-    p.add_argument("--noise-seed", type=int, default=0)
+    g.add_argument(
+        "--noise-mode",
+        choices=NOISE_MODES,
+        default=None,
+        help="symmetric (paper), asymmetric (class flip map) or multilabel; default: symmetric "
+        "for single-label data, multilabel for multi-label data",
+    )
+    g.add_argument("--noise-seed", type=int, default=0)
+    g.add_argument(
+        "--flip-map",
+        default=None,
+        help="asymmetric noise: SRC:DST pairs such as 0:1,1:2,2:0 (default: every class to the "
+        "next, c -> c+1 mod K)",
+    )
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, help="store root (local directory)")
-    p.add_argument("--name", required=True, help="dataset name inside the store")
+    g = p.add_argument_group("target")
+    g.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
+    g.add_argument("--name", required=True, help="dataset name inside the store")
+    g.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="version number to write (default: the next one); an existing version is refused",
+    )
+    g.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=None,
+        help="rows per Parquet row group (default: about 64 MiB of features)",
+    )
+
+
+def _label_args(p: argparse.ArgumentParser, *, base: bool = True) -> None:
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="K (default: from the largest label)"
+    )
+    if base:
+        p.add_argument(
+            "--label-base",
+            default="auto",
+            choices=("auto", "0", "1"),
+            help="class numbers start at 0 or 1 (auto: 1 when the smallest label is 1)",
+        )
+
+
+def _mat_importer(sub: Any, name: str, help_: str, *, valid: int | None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("--input", required=True, help="path of the .mat (v5 or v7.3/HDF5) file")
+    if valid is not None:
+        p.add_argument(
+            "--valid-from-test",
+            type=int,
+            default=valid,
+            help=f"the first N test items become the validation split (default {valid})",
+        )
+    _label_args(p)
+    _target_args(p)
+    _noise_args(p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.ingest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -45,22 +117,207 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(w)
     _noise_args(w)
 
+    _mat_importer(
+        sub,
+        "wiki-deep",
+        "Wikipedia deep features: train_imgs_deep, train_texts_doc, train_imgs_labels, test_*",
+        valid=231,
+    )
+    _mat_importer(
+        sub,
+        "xmedia",
+        "XMedia: I_tr_CNN, I_te_CNN, T_tr_BOW, T_te_BOW, trImgCat, teImgCat",
+        valid=500,
+    )
+    _mat_importer(
+        sub,
+        "inria",
+        "INRIA-Websearch: tr_img, tr_txt, tr_img_lab, val_*, te_* (own validation split)",
+        valid=None,
+    )
+    _mat_importer(
+        sub,
+        "xmedianet",
+        "XMediaNet: cells train/valid/test ({1} image, {2} text) and *_labels",
+        valid=None,
+    )
+
+    m = sub.add_parser(
+        "multilabel-h5",
+        help="multi-label HDF5 layout: ImgTrain/TagTrain/LabTrain, *Query, *DataBase "
+        "(MIRFlickr-25K, NUS-WIDE, MS-COCO, IAPR TC-12)",
+    )
+    m.add_argument("--input", required=True, help="path of the .h5/.mat file")
+    m.add_argument(
+        "--valid-from-query",
+        type=int,
+        default=0,
+        help="move the first N query items into a validation split (default 0: the published "
+        "protocol has none)",
+    )
+    _label_args(m, base=False)
+    _target_args(m)
+    _noise_args(m)
+
+    pl = sub.add_parser(
+        "plain",
+        help="your own Parquet / CSV / NumPy features, mapped by column name",
+        description="Inputs are FILE (with a split column) or SPLIT=FILE, one per split. "
+        "Formats: .parquet, .csv/.tsv, .npz, or a directory of COLUMN.npy files.",
+    )
+    pl.add_argument(
+        "--input", required=True, action="append", help="FILE or SPLIT=FILE (repeatable)"
+    )
+    pl.add_argument("--image-col", default="image", help="vector column or glob like 'img_*'")
+    pl.add_argument("--text-col", default="text", help="vector column or glob like 'txt_*'")
+    pl.add_argument("--label-col", default="label")
+    pl.add_argument("--id-col", default=None, help="item id column (default: number the rows)")
+    pl.add_argument("--split-col", default="split", help="split column of a single input file")
+    pl.add_argument("--label-kind", choices=("auto", "single", "multi"), default="auto")
+    pl.add_argument(
+        "--label-format", choices=("auto", "index", "multi-hot", "indices"), default="auto"
+    )
+    pl.add_argument(
+        "--valid-from-test", type=int, default=0, help="carve a validation split out of test"
+    )
+    pl.add_argument(
+        "--valid-from-query", type=int, default=0, help="carve a validation split out of query"
+    )
+    pl.add_argument("--num-classes", type=int, default=None)
+    pl.add_argument("--label-base", default="0", choices=("auto", "0", "1"))
+    _target_args(pl)
+    _noise_args(pl)
+
     s = sub.add_parser("synthetic", help="generate the embedded class-structured dataset")
     _target_args(s)
+    s.add_argument("--label-kind", choices=S.LABEL_KINDS, default=S.SINGLE)
     s.add_argument("--num-classes", type=int, default=10)
     s.add_argument("--train", type=int, default=2000)
-    s.add_argument("--valid", type=int, default=200)
-    s.add_argument("--test", type=int, default=500)
+    s.add_argument("--valid", type=int, default=200, help="single-label validation size")
+    s.add_argument("--test", type=int, default=500, help="single-label test size")
+    s.add_argument("--query", type=int, default=200, help="multi-label query size")
+    s.add_argument("--database", type=int, default=1000, help="multi-label database size")
+    s.add_argument("--max-labels", type=int, default=3, help="multi-label: classes per item, max")
     s.add_argument("--image-dim", type=int, default=128)
     s.add_argument("--text-dim", type=int, default=100)
-    s.add_argument("--class-sep", type=float, default=0.8, help="smaller is harder")
+    s.add_argument(
+        "--class-sep", type=float, default=0.8, help="class separation: smaller is harder"
+    )
     s.add_argument("--modality-gap", type=float, default=1.5, help="larger is harder")
+    s.add_argument(
+        "--difficulty",
+        type=float,
+        default=None,
+        help="0..1, sets both: class-sep 1.6(1-d), modality-gap 3d (0.5 = the defaults)",
+    )
     s.add_argument("--seed", type=int, default=0)
     _noise_args(s)
+
+    n = sub.add_parser(
+        "noise",
+        help="a noisy copy of a version: new train labels, features shared by reference",
+    )
+    n.add_argument("uri", help="the base version (STORE/NAME/vN)")
+    n.add_argument("--name", default=None, help="dataset name of the copy (default: the base's)")
+    n.add_argument("--version", type=int, default=None)
+    _noise_args(n)
+
+    ls = sub.add_parser("list", help="list the versions in a store")
+    ls.add_argument("store")
+    ls.add_argument("--name", default=None, help="only this dataset")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sh = sub.add_parser("show", help="print a version's manifest after verifying it")
     sh.add_argument("uri")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> ImportPlan:
+    """Read the input named on the command line into an import plan."""
+    from feature_store import formats as F
+
+    cmd = args.command
+    if cmd == "wiki-mat":
+        return F.plan_wiki_mat(args.input, valid_from_test=args.valid_from_test)
+    if cmd == "wiki-deep":
+        return F.plan_wiki_deep(
+            args.input,
+            valid_from_test=args.valid_from_test,
+            label_base=args.label_base,
+            num_classes=args.num_classes,
+        )
+    if cmd == "xmedia":
+        return F.plan_xmedia(
+            args.input,
+            valid_from_test=args.valid_from_test,
+            label_base=args.label_base,
+            num_classes=args.num_classes,
+        )
+    if cmd == "inria":
+        return F.plan_inria(args.input, label_base=args.label_base, num_classes=args.num_classes)
+    if cmd == "xmedianet":
+        return F.plan_xmedianet(
+            args.input, label_base=args.label_base, num_classes=args.num_classes
+        )
+    if cmd == "multilabel-h5":
+        return F.plan_multilabel_h5(
+            args.input, valid_from_query=args.valid_from_query, num_classes=args.num_classes
+        )
+    if cmd == "plain":
+        from feature_store.plain import plan_plain
+
+        return plan_plain(
+            args.input,
+            image_col=args.image_col,
+            text_col=args.text_col,
+            label_col=args.label_col,
+            id_col=args.id_col,
+            split_col=args.split_col,
+            label_kind=args.label_kind,
+            label_format=args.label_format,
+            num_classes=args.num_classes,
+            label_base=args.label_base,
+            valid_from_test=args.valid_from_test,
+            valid_from_query=args.valid_from_query,
+        )
+    from feature_store.synthetic import generate_plan
+
+    counts = (
+        {"train": args.train, "valid": args.valid, "test": args.test}
+        if args.label_kind == S.SINGLE
+        else {"train": args.train, "query": args.query, "database": args.database}
+    )
+    return generate_plan(
+        num_classes=args.num_classes,
+        counts=counts,
+        image_dim=args.image_dim,
+        text_dim=args.text_dim,
+        class_sep=args.class_sep,
+        modality_gap=args.modality_gap,
+        difficulty=args.difficulty,
+        label_kind=args.label_kind,
+        max_labels=args.max_labels,
+        seed=args.seed,
+    )
+
+
+def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for r in rows:
+            print(json.dumps(r, sort_keys=True))
+        return
+    for r in rows:
+        counts = " ".join(f"{k}={v}" for k, v in r["counts"].items())
+        noise = r["noise"]
+        noise_s = (
+            "clean"
+            if noise.get("mode") in (None, "none")
+            else (f"{noise['mode']}@{noise['rate']} seed {noise['seed']}")
+        )
+        base = f" (copy of {r['base']})" if r["base"] else ""
+        print(
+            f"{r['name']}/v{r['version']}\t{r['label_kind']}\t{counts}\t{noise_s}{base}\t{r['uri']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,29 +327,48 @@ def main(argv: list[str] | None = None) -> int:
         ds = open_dataset(args.uri)
         print(json.dumps(ds.manifest, indent=2, sort_keys=True))
         return EXIT_OK
-    if args.command == "wiki-mat":
-        from feature_store.formats import read_wiki_mat
-
-        splits, meta = read_wiki_mat(args.input, valid_from_test=args.valid_from_test)
-    else:
-        from feature_store.synthetic import generate
-
-        splits, meta = generate(
-            num_classes=args.num_classes,
-            counts={"train": args.train, "valid": args.valid, "test": args.test},
-            image_dim=args.image_dim,
-            text_dim=args.text_dim,
-            class_sep=args.class_sep,
-            modality_gap=args.modality_gap,
-            seed=args.seed,
+    if args.command == "list":
+        rows = list_versions(args.store, args.name)
+        if not rows:
+            log.info("no versions in %s", args.store)
+        _print_versions(rows, args.json)
+        return EXIT_OK
+    if args.command == "noise":
+        uri = write_noisy_copy(
+            args.uri,
+            mode=args.noise_mode,
+            rate=args.noise_rate,
+            seed=args.noise_seed,
+            flip_map=_flip_map(args, None),
+            name=args.name,
+            version=args.version,
         )
-    noise = apply_noise(splits["train"], args.noise_mode, args.noise_rate, args.noise_seed)
-    uri = write_dataset(
-        args.store, args.name, splits, source=meta["source"], noise=noise, protocol=meta["protocol"]
+        print(uri)
+        return EXIT_OK
+    if args.row_group_rows is not None and args.row_group_rows < 1:
+        raise FeatureStoreError("--row-group-rows must be >= 1")
+    check_target(args.store, args.name, args.version)  # refuse a bad target before reading input
+    plan = _plan(args)
+    noise = plan.apply_noise(
+        args.noise_mode,
+        args.noise_rate,
+        args.noise_seed,
+        flip_map=_flip_map(args, plan.num_classes),
+    )
+    uri = write_version(
+        args.store, args.name, plan, version=args.version, rows_per_group=args.row_group_rows
     )
     log.info("noise: %s", noise)
     print(uri)
     return EXIT_OK
+
+
+def _flip_map(args: argparse.Namespace, num_classes: int | None) -> dict[int, int] | None:
+    if args.flip_map is None:
+        return None
+    if num_classes is None:  # a noisy copy: the base knows K
+        num_classes = open_dataset(args.uri, verify=False).num_classes
+    return parse_flip_map(args.flip_map, num_classes)
 
 
 if __name__ == "__main__":
