@@ -122,3 +122,30 @@ def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_dataset, tmp_p
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
     best = [v for _, v in _history(cfg, result["mlflow_run_id"], "best_valid_map_mean")]
     assert best == sorted(best)  # the best MAP survives the restart: never goes down
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_one_and_two_workers_agree_on_wikipedia(ray_cluster, wiki_mat, tmp_path):
+    """Same seed and global batch: 1 and 2 workers reach validation MAP within 0.02."""
+    from feature_store.formats import read_wiki_mat
+    from feature_store.noise import apply_noise
+    from feature_store.store import write_dataset
+    from pipeline.trainer import run_training
+
+    splits, meta = read_wiki_mat(wiki_mat)
+    noise = apply_noise(splits["train"], "symmetric", 0.2, seed=0)
+    uri = write_dataset(
+        str(tmp_path / "store"),
+        "wiki",
+        splits,
+        source=meta["source"],
+        noise=noise,
+        protocol=meta["protocol"],
+    )
+    common = dict(bits=64, hidden_dim=1024, epochs=6, warmup_epochs=3, batch_size=256, lr=1e-4)
+    one = run_training(_cfg(uri, tmp_path, workers=1, **common))
+    two = run_training(_cfg(uri, tmp_path, workers=2, **common))
+    assert two["global_negatives"] is True
+    gap = abs(one["best_valid_map"]["mean"] - two["best_valid_map"]["mean"])
+    assert gap < 0.02, (one["best_valid_map"], two["best_valid_map"])
