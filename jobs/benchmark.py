@@ -28,7 +28,7 @@ def plain_loop_seconds(cfg: TrainConfig, epochs: int, threads: int) -> list[floa
     from feature_store import schema as S
     from feature_store.store import open_dataset
     from pipeline.data import feature_normalisation
-    from pipeline.train_loop import build_model, compute_loss, seed_everything
+    from pipeline.step import build_model, compute_loss, seed_everything
 
     torch.set_num_threads(threads)
     seed_everything(cfg.seed)

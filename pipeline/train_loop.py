@@ -6,13 +6,11 @@ checked outside Ray against a single-process run on the concatenated batch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,17 @@ from feature_store.store import open_dataset
 from pipeline import evaluate
 from pipeline.config import TrainConfig
 from pipeline.data import EvalSplit, local_shuffle_seed, noise_flags
-from pipeline.losses import LossTerms, rshnl_objective
 from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.serving import WEIGHTS, encode, save_model_file
+from pipeline.step import (
+    arch_of,
+    assert_centers_synced,
+    build_model,
+    center_checksum,
+    compute_loss,
+    is_distributed,
+    seed_everything,
+)
 
 log = logging.getLogger("pipeline.train")
 
@@ -44,115 +50,6 @@ _BATCH_DTYPES = {
 def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
     """Strictly ordered score so that the best checkpoint is unambiguous under equal MAPs."""
     return valid_map_mean + epoch * 1e-12
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def center_checksum(centers: torch.Tensor) -> str:
-    """SHA-256 of the exact bytes of the centers (bit-identical ⇔ equal checksums)."""
-    return hashlib.sha256(centers.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _assert_centers_synced(centers: torch.Tensor, step: int) -> None:
-    gathered = [torch.empty_like(centers) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, centers.contiguous())
-    for rank, c in enumerate(gathered):
-        if not torch.equal(c, gathered[0]):
-            raise RuntimeError(f"hash centers differ between rank 0 and rank {rank} at step {step}")
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather rows from every rank; backward sums every rank's gradient for the local rows."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        rank, top = dist.get_rank(), max(sizes)
-        padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        ctx.sizes, ctx.rank, ctx.top = sizes, rank, top
-        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's codes
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Rows of ``x`` from every rank (gradient flows to the local part); returns (all, offset)."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes_t = [torch.empty_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes_t, n)
-    sizes = [int(s.item()) for s in sizes_t]
-    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
-
-
-def compute_loss(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    text: torch.Tensor,
-    label: torch.Tensor,
-    cfg: TrainConfig,
-    epoch: int,
-    global_negatives: bool,
-) -> LossTerms:
-    """Forward pass and the objective of Eq 9 for one local batch.
-
-    With ``global_negatives`` the CHL denominator (Eq 2) runs over every rank's codes; each rank's
-    loss is a mean over its own items, so DDP's gradient average equals the gradient of the loss of
-    one batch holding all ranks' items.
-    """
-    amp = torch.autocast(image.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    with amp:
-        h_img, h_txt, centers = model(image, text)
-    h_img, h_txt, centers = h_img.float(), h_txt.float(), centers.float()
-    all_codes, offset = None, 0
-    if global_negatives and _distributed():
-        all_img, offset = gather_with_grad(h_img)
-        all_txt, _ = gather_with_grad(h_txt)
-        all_codes = [all_img, all_txt]
-    return rshnl_objective(
-        h_img,
-        h_txt,
-        centers,
-        label,
-        epoch=epoch,
-        warmup_epochs=cfg.warmup_epochs,
-        gamma=cfg.gamma,
-        alpha=cfg.alpha,
-        r=cfg.r,
-        tau=cfg.tau,
-        exclude_self=cfg.chl_exclude_self,
-        all_codes=all_codes,
-        offset=offset,
-    )
-
-
-def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> RSHNLModel:
-    return RSHNLModel(**arch_of(cfg, dims, num_classes))
-
-
-def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, Any]:
-    return {
-        "image_dim": dims["image"],
-        "text_dim": dims["text"],
-        "num_classes": num_classes,
-        "bits": cfg.bits,
-        "hidden": cfg.hidden_dim,
-        "center_mode": cfg.centers,
-    }
 
 
 def evaluate_split(model: RSHNLModel, split: EvalSplit, batch_size: int) -> dict[str, float]:
@@ -206,7 +103,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         buf = model.center_net.centers
         if rank == 0:
             buf.copy_(fixed_centers(cfg.centers, k, cfg.bits, cfg.seed))
-        if _distributed():
+        if is_distributed():
             dist.broadcast(buf, src=0)  # generated once on rank 0
     arch = arch_of(cfg, dims, k)
 
@@ -241,13 +138,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
     monitor = loop_config.get("monitor")  # driver-side actor: attempts and per-epoch timings
     if rank == 0 and monitor is not None:
         ray.get(monitor.start_attempt.remote())
-    if _distributed():
+    if is_distributed():
         dist.barrier()  # every rank registers under the attempt rank 0 just opened
     if monitor is not None:
         monitor.register_worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
-    if _distributed():
+    if is_distributed():
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
@@ -300,16 +197,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
             ids_l.append(batch["item_id"].cpu())
             w_l.append(terms.weights.cpu())
             if cfg.center_sync_check_every and step % cfg.center_sync_check_every == 0:
-                if _distributed():
+                if is_distributed():
                     with torch.no_grad():
-                        _assert_centers_synced(core.center_net(), step)
+                        assert_centers_synced(core.center_net(), step)
         t0 = time.perf_counter()
         with torch.no_grad():
             last_centers = core.center_net().float().cpu()
         ids = torch.cat(ids_l).numpy() if ids_l else np.zeros(0, dtype=np.int64)
         weights = torch.cat(w_l).numpy() if w_l else np.zeros(0, dtype=np.float32)
         checksums: list[Any] = [center_checksum(last_centers)]
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(sums)
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (ids, weights, checksums[0]))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.train_loop import _assert_centers_synced, center_checksum
+from pipeline.step import assert_centers_synced, center_checksum
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, drift: bool) -> None:
@@ -19,7 +19,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, drift: bool) ->
         centers[2, 1] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))  # one ulp apart
     result = {"checksum": center_checksum(centers)}
     try:
-        _assert_centers_synced(centers, step=7)
+        assert_centers_synced(centers, step=7)
         result["error"] = None
     except RuntimeError as e:
         result["error"] = str(e)

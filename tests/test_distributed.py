@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.model import fixed_centers, hadamard
-from pipeline.train_loop import center_checksum
+from pipeline.step import center_checksum
 
 
 def _cfg(dataset: str, root, **kw) -> TrainConfig:

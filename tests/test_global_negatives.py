@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import TrainConfig
 from pipeline.model import RSHNLModel
-from pipeline.train_loop import compute_loss
+from pipeline.step import compute_loss
 
 N_ITEMS, K = 8, 3
 

@@ -1,0 +1,129 @@
+"""One training step of RSHNL in plain PyTorch (no Ray, no MLflow).
+
+``compute_loss`` is the same code on every worker and in a single process, so a run on N workers
+can be checked against one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainConfig
+from pipeline.losses import LossTerms, rshnl_objective
+from pipeline.model import RSHNLModel
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def center_checksum(centers: torch.Tensor) -> str:
+    """SHA-256 of the exact bytes of the centers (bit-identical ⇔ equal checksums)."""
+    return hashlib.sha256(centers.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def assert_centers_synced(centers: torch.Tensor, step: int) -> None:
+    gathered = [torch.empty_like(centers) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, centers.contiguous())
+    for rank, c in enumerate(gathered):
+        if not torch.equal(c, gathered[0]):
+            raise RuntimeError(f"hash centers differ between rank 0 and rank {rank} at step {step}")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather rows from every rank; backward sums every rank's gradient for the local rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rank, top = dist.get_rank(), max(sizes)
+        padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.sizes, ctx.rank, ctx.top = sizes, rank, top
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's codes
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of ``x`` from every rank (gradient flows to the local part); returns (all, offset)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes_t = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes_t, n)
+    sizes = [int(s.item()) for s in sizes_t]
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    label: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    global_negatives: bool,
+) -> LossTerms:
+    """Forward pass and the objective of Eq 9 for one local batch.
+
+    With ``global_negatives`` the CHL denominator (Eq 2) runs over every rank's codes; each rank's
+    loss is a mean over its own items, so DDP's gradient average equals the gradient of the loss of
+    one batch holding all ranks' items.
+    """
+    amp = torch.autocast(image.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    with amp:
+        h_img, h_txt, centers = model(image, text)
+    h_img, h_txt, centers = h_img.float(), h_txt.float(), centers.float()
+    all_codes, offset = None, 0
+    if global_negatives and is_distributed():
+        all_img, offset = gather_with_grad(h_img)
+        all_txt, _ = gather_with_grad(h_txt)
+        all_codes = [all_img, all_txt]
+    return rshnl_objective(
+        h_img,
+        h_txt,
+        centers,
+        label,
+        epoch=epoch,
+        warmup_epochs=cfg.warmup_epochs,
+        gamma=cfg.gamma,
+        alpha=cfg.alpha,
+        r=cfg.r,
+        tau=cfg.tau,
+        exclude_self=cfg.chl_exclude_self,
+        all_codes=all_codes,
+        offset=offset,
+    )
+
+
+def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> RSHNLModel:
+    return RSHNLModel(**arch_of(cfg, dims, num_classes))
+
+
+def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, Any]:
+    return {
+        "image_dim": dims["image"],
+        "text_dim": dims["text"],
+        "num_classes": num_classes,
+        "bits": cfg.bits,
+        "hidden": cfg.hidden_dim,
+        "center_mode": cfg.centers,
+    }
