@@ -20,7 +20,9 @@ log = logging.getLogger("jobs.benchmark")
 PHASES = ("data_wait", "step", "gather", "eval", "checkpoint", "report")
 
 
-def plain_loop_seconds(cfg: TrainConfig, epochs: int, threads: int) -> list[float]:
+def plain_loop_seconds(
+    cfg: TrainConfig, epochs: int, threads: int, device: str = "cpu"
+) -> list[float]:
     """Seconds per epoch of the same model, loss and optimizer in one process, no Ray, no eval."""
     import numpy as np
     import torch
@@ -34,25 +36,39 @@ def plain_loop_seconds(cfg: TrainConfig, epochs: int, threads: int) -> list[floa
     seed_everything(cfg.seed)
     ds = open_dataset(cfg.dataset)
     a = ds.read_arrays("train", [S.IMAGE, S.TEXT, S.LABEL])
-    image = torch.as_tensor(a[S.IMAGE], dtype=torch.float32)
-    text = torch.as_tensor(a[S.TEXT], dtype=torch.float32)
-    label = torch.as_tensor(a[S.LABEL].astype(np.float32))
+    dev = torch.device(device)
+    image = torch.as_tensor(a[S.IMAGE], dtype=torch.float32, device=dev)
+    text = torch.as_tensor(a[S.TEXT], dtype=torch.float32, device=dev)
+    label = torch.as_tensor(a[S.LABEL].astype(np.float32), device=dev)
     model = build_model(cfg, ds.dims, ds.num_classes)
     for m, (mean, scale) in feature_normalisation(ds).items():
         model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
+    model.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = []
     for epoch in range(epochs):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        perm = torch.randperm(image.shape[0])
+        perm = torch.randperm(image.shape[0], device=dev)
         for s in range(0, image.shape[0], cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             terms = compute_loss(model, image[idx], text[idx], label[idx], cfg, epoch, False)
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
             opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
-        log.info("plain loop epoch %d/%d %.2fs", epoch + 1, epochs, out[-1])
+        log.info(
+            "plain loop epoch %d/%d %.3fs loss %.4f (%s%s)",
+            epoch + 1,
+            epochs,
+            out[-1],
+            terms.total.item(),
+            device,
+            ", bf16" if cfg.bf16 else "",
+        )
     return out
 
 
@@ -133,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=2, help="CPU threads for the whole run")
     s.add_argument("--use-gpu", action="store_true")
     s.add_argument("--summary-json")
+    pl = sub.add_parser("plain", help="the training step alone in one process (CPU or one GPU)")
+    pl.add_argument("--dataset", required=True)
+    pl.add_argument("--config", help="YAML with TrainConfig keys")
+    pl.add_argument("--epochs", type=int, default=5)
+    pl.add_argument("--device", default="cpu", help="cpu or cuda")
+    pl.add_argument("--threads", type=int, default=2)
+    pl.add_argument("--summary-json")
     return p
 
 
@@ -144,10 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         {
             "dataset": args.dataset,
             "epochs": args.epochs,
-            "use_gpu": args.use_gpu or None,
+            "use_gpu": getattr(args, "use_gpu", False) or None,
             "experiment_name": "benchmark",
         },
     )
+    if args.command == "plain":
+        result = {}
+        for bf16 in (False, True):
+            secs = plain_loop_seconds(cfg.replace(bf16=bf16), cfg.epochs, args.threads, args.device)
+            result["bf16" if bf16 else "fp32"] = {"epoch_seconds": secs, "steady_s": _steady(secs)}
+        result["bf16_speedup"] = result["fp32"]["steady_s"] / result["bf16"]["steady_s"]
+        log.info("plain loop on %s: %s", args.device, result)
+        if args.summary_json:
+            write_json_atomic(args.summary_json, result)
+        return EXIT_OK
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     result = scaling(cfg, workers, args.threads)
     table = format_table(result)
