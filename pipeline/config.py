@@ -160,17 +160,23 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> TrainConfig:
         """Defaults ← YAML file ← overrides (flags that were given); validated."""
-        data: dict[str, Any] = {}
-        if path:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file '{p}' does not exist")
-            loaded = yaml.safe_load(p.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
-            data.update(loaded)
+        data = read_yaml(path) if path else {}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, source=str(path or "flags")).validate()
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file holding a mapping; a clear ConfigError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
+    return loaded
 
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:

@@ -319,6 +319,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                         "recall": float(det["recall"]),
                     },
                     "worker_nodes": nodes,
+                    "mlflow_run_id": loop_config.get("run_id") or "",
                     "global_negatives": global_negatives,
                 }
             )

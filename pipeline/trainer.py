@@ -119,8 +119,19 @@ def _execution_options():
     return ExecutionOptions(preserve_order=True)
 
 
-def run_training(cfg: TrainConfig, *, ray_address: str | None = None) -> dict[str, Any]:
-    """Train, evaluate and register; return the run summary (see jobs.train)."""
+def run_training(
+    cfg: TrainConfig,
+    *,
+    ray_address: str | None = None,
+    callbacks: list[Any] | None = None,
+    parent_run_id: str | None = None,
+    log_model: bool = True,
+) -> dict[str, Any]:
+    """Train, evaluate and (optionally) log and register the best model; return the run summary.
+
+    ``callbacks`` go to the Train run (e.g. Tune's report callback); ``parent_run_id`` nests the
+    MLflow run under a sweep's run.
+    """
     cfg.validate()
     ds = open_dataset(cfg.dataset)  # verifies the manifest and checksums before any work
     normalisation = (
@@ -141,6 +152,8 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None) -> dict[st
         **versions,
         **cfg.tags,
     }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     previous = read_run_info(cfg, run_name) if cfg.run_name else None
     if previous and not cfg.resume:
         raise ConfigError(
@@ -157,10 +170,14 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None) -> dict[st
         _write_run_info(cfg, run_name, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
     log.info("MLflow run %s (%s) at %s", run_id, run_name, tracking_uri)
     try:
-        summary = _fit(cfg, ds, normalisation, run_name, run_id, tracking_uri, ray_address)
+        summary = _fit(
+            cfg, ds, normalisation, run_name, run_id, tracking_uri, ray_address, callbacks or []
+        )
+        best_weights = Path(summary.pop("_best_weights"))
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = Path(tmp)
-            shutil.copy(Path(summary.pop("_best_weights")), model_dir / WEIGHTS)
+            shutil.move(best_weights, model_dir / WEIGHTS)
+            shutil.rmtree(best_weights.parent, ignore_errors=True)
             final = {
                 k: summary[k]
                 for k in (
@@ -179,8 +196,10 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None) -> dict[st
                 config={**cfg.to_dict(), "data_version": ds.data_version},
                 manifest=ds.manifest,
                 final_metrics=final,
-                model_dir=model_dir,
-                registered_model_name=cfg.registered_model_name if cfg.register_model else None,
+                model_dir=model_dir if log_model else None,
+                registered_model_name=(
+                    cfg.registered_model_name if cfg.register_model and log_model else None
+                ),
             )
     except BaseException as e:
         tracking.fail_run(tracking_uri, run_id, e)
@@ -199,6 +218,7 @@ def _fit(
     run_id: str,
     tracking_uri: str,
     ray_address: str | None,
+    callbacks: list[Any],
 ) -> dict[str, Any]:
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -230,6 +250,7 @@ def _fit(
                 num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": training_dataset(ds, cfg.seed, cfg.workers, cfg.data_cache_max_bytes)},
         dataset_config=DataConfig(
