@@ -14,7 +14,7 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -103,14 +103,47 @@ def _region(session: Any) -> str:
     )
 
 
+_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+
+_STATIC_CREDENTIALS = ("env", "explicit", "shared-credentials-file", "config-file")
+
+
+def _env_key() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(k) for k in _ENV_KEYS)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem configured from the AWS environment (values spelled out)."""
+    return _s3_filesystem(_env_key())
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client configured from the same environment."""
+    return _s3_client(_env_key())
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(_env: tuple[str | None, ...]) -> pafs.S3FileSystem:
     import boto3
 
     session = boto3.session.Session()
     creds = session.get_credentials()
     kwargs: dict[str, Any] = {"region": _region(session)}
-    if creds is not None:
+    # static keys are spelled out (so the filesystem pickles with them to Ray workers); keys
+    # that expire (instance roles, SSO, assumed roles) are left to pyarrow's own refreshing chain
+    if creds is not None and getattr(creds, "method", "") in _STATIC_CREDENTIALS:
         frozen = creds.get_frozen_credentials()
         kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
         if frozen.token:
@@ -122,8 +155,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client configured from the same environment."""
+@lru_cache(maxsize=8)
+def _s3_client(_env: tuple[str | None, ...]) -> Any:
     import boto3
 
     session = boto3.session.Session()

@@ -362,9 +362,12 @@ def _width(src: _Source, names: list[str], where: str) -> int:
     """A feature column's width, from the schema or the first row."""
     if len(names) > 1:
         return len(names)
+    if isinstance(src, _ArraySource):
+        a = src.array(names[0])
+        return int(np.prod(a.shape[1:], dtype=np.int64))
     first = next(src.batches(names, 1), None)
     if first is None:
-        raise FeatureStoreError(f"'{src.path}' has no rows")
+        return 0  # an empty input: reported as an empty split
     return int(_matrix(first, names, where=where, row0=0, width=None).shape[1])
 
 
@@ -540,12 +543,15 @@ def plan_plain(
             S.TEXT: f"'{path}' column '{text_col}'",
         }
         d = (_width(src, img, where[S.IMAGE]), _width(src, txt, where[S.TEXT]))
-        if dims is not None and d != dims:
+        if src.num_rows == 0:
+            pass  # an empty input has no widths to compare; it is refused as an empty split
+        elif dims is not None and d != dims:
             raise FeatureStoreError(
                 f"'{path}' has feature widths image {d[0]}, text {d[1]}; the other inputs have "
                 f"{dims[0]}, {dims[1]}"
             )
-        dims = d
+        else:
+            dims = d
         feat_cols[path] = (img, txt)
         if use_split_col:
             sc = cols[split_col]

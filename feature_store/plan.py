@@ -177,6 +177,14 @@ class ImportPlan:
         k = self.num_classes
         dims = self.dims
         for name, sp in self.splits.items():
+            S.check_labels(
+                name,
+                sp.item_id,
+                {S.LABEL: sp.observed, S.CLEAN_LABEL: sp.clean_label},
+                label_kind=self.label_kind,
+                num_classes=k,
+                source=where,
+            )
             f = sp.features
             if f.num_rows != len(sp):
                 raise FeatureStoreError(
@@ -189,14 +197,6 @@ class ImportPlan:
                         f"{where}: split '{name}' column '{col}' ({f.where(col)}) has width {d}, "
                         f"split 'train' has {dims[col]}; all splits need the same feature width"
                     )
-            S.check_labels(
-                name,
-                sp.item_id,
-                {S.LABEL: sp.observed, S.CLEAN_LABEL: sp.clean_label},
-                label_kind=self.label_kind,
-                num_classes=k,
-                source=where,
-            )
         S.check_item_ids(
             {n: sp.item_id for n, sp in self.splits.items()},
             label_kind=self.label_kind,

@@ -555,7 +555,9 @@ def list_versions(store: str, name: str | None = None) -> list[dict[str, Any]]:
                         "version": number,
                         "uri": loc.child(ds, f"v{number}").uri,
                         "label_kind": m.get("label_kind", S.SINGLE),
-                        "counts": m.get("counts", {}),
+                        "counts": {
+                            s: m["counts"][s] for s in (m.get("splits") or m.get("counts", {}))
+                        },
                         "noise": {
                             key: m.get("noise", {}).get(key) for key in ("mode", "rate", "seed")
                         },
@@ -592,7 +594,11 @@ class DatasetVersion:
     @property
     def splits(self) -> tuple[str, ...]:
         """The splits in protocol order (train/valid/test or train/[valid/]query/database)."""
-        return tuple(self.manifest.get("splits") or self.manifest["counts"])
+        if self.manifest.get("splits"):
+            return tuple(self.manifest["splits"])
+        known = S.allowed_splits(self.label_kind)
+        counts = self.manifest["counts"]  # JSON key order is not the protocol order
+        return tuple(sorted(counts, key=lambda s: known.index(s) if s in known else len(known)))
 
     @property
     def layout(self) -> dict[str, dict[str, str | None]]:
@@ -663,7 +669,8 @@ class DatasetVersion:
 
     def _parquet(self, fname: str) -> pq.ParquetFile:
         try:
-            return pq.ParquetFile(self._fs.open_input_file(self.file_path(fname)))
+            # no pre-buffering: it would cache whole column chunks beyond the row group being read
+            return pq.ParquetFile(self._fs.open_input_file(self.file_path(fname)), pre_buffer=False)
         except OSError as e:
             if self.uri.startswith("s3://"):
                 raise s3_error(e, resolve(self.uri), "read") from e
@@ -717,16 +724,9 @@ class DatasetVersion:
         feat_cols = [c for c in cols if c not in label_cols]
         need = list(dict.fromkeys(feat_cols + ([S.ITEM_ID] if label_cols else []))) or [S.ITEM_ID]
         pf = self._parquet(str(self._layout(split)["features"]))
-        if batch_rows:
-            rows = batch_rows
-        elif pf.num_row_groups:
-            rows = max(pf.metadata.row_group(0).num_rows, 1)
-        else:
-            rows = 1
         labels = self._overlay_table(str(overlay), label_cols) if label_cols else None
         pos = 0
-        for batch in pf.iter_batches(batch_size=rows, columns=need):
-            t = pa.Table.from_batches([batch])
+        for t in self._row_groups(pf, need, batch_rows):
             if labels is not None:
                 part = labels.slice(pos, t.num_rows)
                 if not t.column(S.ITEM_ID).equals(part.column(S.ITEM_ID)):
@@ -739,6 +739,16 @@ class DatasetVersion:
                 )
             pos += t.num_rows
             yield t.select(cols)
+
+    @staticmethod
+    def _row_groups(pf: pq.ParquetFile, columns: list[str], rows: int | None) -> Iterator[pa.Table]:
+        """One row group at a time (optionally cut into ``rows``-row tables)."""
+        for i in range(pf.num_row_groups):
+            group = pf.read_row_group(i, columns=columns, use_threads=False)
+            step = rows or max(group.num_rows, 1)
+            for a in range(0, group.num_rows, step):
+                yield group.slice(a, step)
+            del group
 
     def ray_dataset(
         self, split: str, columns: list[str] | tuple[str, ...] = S.TRAINING_COLUMNS

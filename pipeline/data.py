@@ -18,10 +18,11 @@ def training_dataset(ds: DatasetVersion, seed: int, workers: int, cache_max_byte
     blocks; each epoch the block order is reshuffled (seeded), so every worker sees a different
     random subset, and the worker shuffles rows locally (see ``local_shuffle_seed``).
     """
-    import ray.data
     from ray.data import RandomSeedConfig
 
-    rd = ray.data.read_parquet(ds.split_uri("train")).select_columns(list(S.TRAINING_COLUMNS))
+    # read through the version's own filesystem (local or s3://, settings from the AWS
+    # environment); a noisy copy's labels are joined onto the shared feature files
+    rd = ds.ray_dataset("train", S.TRAINING_COLUMNS)
     meta = ds.manifest["files"]["train.parquet"]
     if meta["bytes"] <= cache_max_bytes:
         blocks = min(max(16, 8 * workers), max(1, meta["rows"] // 8))
