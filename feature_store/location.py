@@ -4,8 +4,9 @@ S3 settings come from the standard AWS environment, so MinIO or any S3-compatibl
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for the endpoint, ``AWS_REGION`` /
 ``AWS_DEFAULT_REGION`` for the region, and the usual credential chain (``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ...) resolved through boto3.
-The pyarrow filesystem is built with those values spelled out, so it pickles with them to Ray
-workers that were started before the variables were set.
+The pyarrow filesystem is built with the endpoint, region and static keys spelled out, so it
+pickles with them to Ray workers that were started before the variables were set; credentials
+that expire (instance roles, SSO, assumed roles) are left to pyarrow's own refreshing chain.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ class Features:
         """Where a column comes from (file and variable), for error messages."""
         return column
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the features are already in memory (then they are checked before writing)."""
+        return False
+
     def slice(self, start: int, stop: int) -> Features:
         """Rows ``start:stop`` of these features."""
         return _SlicedFeatures(self, start, stop)
@@ -67,6 +72,12 @@ class ArrayFeatures(Features):
 
     def where(self, column: str) -> str:
         return self._where.get(column, column)
+
+    @property
+    def in_memory(self) -> bool:
+        return all(
+            type(a) is np.ndarray for a in (self._image, self._text)
+        )  # not memmaps or HDF5 datasets, which stream
 
     def slice(self, start: int, stop: int) -> Features:
         out = ArrayFeatures.__new__(ArrayFeatures)
@@ -197,6 +208,23 @@ class ImportPlan:
                         f"{where}: split '{name}' column '{col}' ({f.where(col)}) has width {d}, "
                         f"split 'train' has {dims[col]}; all splits need the same feature width"
                     )
+            if f.in_memory:  # already loaded: check every value now, before any work
+                row = 0
+                for img, txt in f.chunks(65536):
+                    for col, block, d in (
+                        (S.IMAGE, img, dims["image"]),
+                        (S.TEXT, txt, dims["text"]),
+                    ):
+                        S.check_features(
+                            name,
+                            col,
+                            np.asarray(block, dtype=np.float32),
+                            row_offset=row,
+                            item_id=sp.item_id,
+                            width=d,
+                            source=f.where(col),
+                        )
+                    row += len(img)
         S.check_item_ids(
             {n: sp.item_id for n, sp in self.splits.items()},
             label_kind=self.label_kind,

@@ -220,7 +220,6 @@ class _Staging:
                     IfNoneMatch="*",
                     ContentType="application/json",
                 )
-                client.delete_object(Bucket=self.store.bucket, Key=self._key(CLAIM))
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") == "PreconditionFailed":
                     raise FeatureStoreError(
@@ -229,6 +228,13 @@ class _Staging:
                 raise s3_error(e, self.store, "commit") from e
             except BotoCoreError as e:
                 raise s3_error(e, self.store, "commit") from e
+            self._written.clear()  # committed: from here on nothing may be rolled back
+            try:
+                client.delete_object(Bucket=self.store.bucket, Key=self._key(CLAIM))
+            except Exception as e:  # a leftover claim next to a manifest is harmless
+                log.warning(
+                    "version %s committed, but its claim was not removed: %s", self.final.uri, e
+                )
             return self.final.uri
         with open(posixpath.join(self.dir, MANIFEST), "wb") as f:
             f.write(body)

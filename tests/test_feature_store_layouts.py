@@ -440,3 +440,18 @@ def test_plain_bad_inputs(tmp_path):
         plan_plain([str(_to_parquet(tmp_path / "g.parquet", t2))], **kw)
     with pytest.raises(FeatureStoreError, match="need a split each"):
         plan_plain([str(path), str(path)], **kw)
+
+
+def test_in_memory_features_are_checked_before_anything_is_written(tmp_path):
+    v = xmedia_vars()
+    v["I_te_CNN"] = v["I_te_CNN"].copy()
+    v["I_te_CNN"][20, 3] = np.nan  # test row 20 is row 8 of the test split after the carve-out
+    plan = F.plan_xmedia(write_mat(tmp_path / "x.mat", v, False), valid_from_test=12)
+    with pytest.raises(FeatureStoreError, match=r"split 'test' column 'image' has a NaN/Inf value "
+                       r"at row 8 \(item_id 70, dimension 3, value nan\)") as e:  # fmt: skip
+        plan.validate()  # the check write_version runs before it creates anything
+    assert "variable 'I_te_CNN'" in str(e.value)
+    store = tmp_path / "store"
+    with pytest.raises(FeatureStoreError, match="NaN/Inf"):
+        write_version(str(store), "x", plan)
+    assert not store.exists()

@@ -225,7 +225,7 @@ def test_difficulty_knob_and_multi_label_mode():
     )
     n_labels = multi["train"].clean_label.sum(1)
     assert set(np.unique(n_labels)) == {1, 2, 3, 4}
-    with pytest.raises(FeatureStoreError, match="difficulty 1.5 is outside"):
+    with pytest.raises(FeatureStoreError, match=r"difficulty 1\.5 is outside"):
         generate(difficulty=1.5)
 
 
