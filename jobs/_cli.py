@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.errors import FeatureStoreError
-from pipeline.config import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 log = logging.getLogger("jobs")
@@ -42,6 +41,8 @@ def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Non
 
 def run_main(main: Callable[[], int]) -> None:
     """Run a job's main; map bad input to exit 2 with one clear line, failures to exit 1."""
+    from pipeline.config import ConfigError  # lazily: jobs that never train need no torch
+
     try:
         code = main()
     except (ConfigError, FeatureStoreError) as e:

@@ -37,6 +37,10 @@ def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        # a job-submission (dashboard) address: connect to the running cluster on this machine
+        log.info("RAY_ADDRESS %s is a dashboard address; connecting to the local cluster", address)
+        address = "auto"
     if address:
         ray.init(address=address, log_to_driver=True)
         return
