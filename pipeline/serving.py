@@ -1,11 +1,34 @@
 """The registered model: an MLflow pyfunc that encodes image or text features into hash codes.
 
-Loading it needs torch, numpy and mlflow only (no Ray).
+Loading it needs torch, numpy and mlflow only (no Ray). The model directory carries the weights of
+both hash heads and the class-center network (``model.pt``), the resolved training config
+(``config.yaml``), the dataset manifest (``dataset_manifest.json``) and the validation and test
+metrics (``metrics.json``).
+
+Input, one of:
+
+- a (n, d) array (any float dtype) of one modality's features;
+- a DataFrame of d numeric columns;
+- a DataFrame with one column of feature vectors (named ``features``, ``image`` or ``text``) and
+  optionally a ``modality`` column, which may mix image and text rows.
+
+Params: ``modality`` (``"image"`` | ``"text"``, default image; a ``modality`` column wins) and
+``output``:
+
+- ``"codes"`` (default): (n, L) int8 codes in {−1, +1}, rows in input order;
+- ``"packed"``: (n, ⌈L/8⌉) uint8, the codes' bits packed most significant bit first (the layout of
+  :func:`pipeline.evaluate.pack_codes` and of faiss binary indexes);
+- ``"both"``: ``{"codes": ..., "packed": ...}``.
+
+The signature declares the output and the params but no input schema: the feature width depends
+on the modality, and a tensor schema with a fixed width would refuse DataFrames and one of the two
+modalities. The model checks the width itself and names the expected shape when it is wrong.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +38,13 @@ import torch
 
 from pipeline.model import MODALITIES, RSHNLModel, sign_codes
 
+log = logging.getLogger(__name__)
+
 WEIGHTS = "model.pt"
+CONFIG = "config.yaml"
+MANIFEST = "dataset_manifest.json"
+METRICS = "metrics.json"
+OUTPUTS = ("codes", "packed", "both")
 
 
 def save_model_file(
@@ -26,6 +55,7 @@ def save_model_file(
 
 
 def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
+    """Rebuild the module from :func:`save_model_file` output, in eval mode on the CPU."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
     model = RSHNLModel(**blob["arch"])
     model.load_state_dict(blob["state_dict"])
@@ -38,53 +68,174 @@ def encode(model: RSHNLModel, x: np.ndarray, modality: str, batch_size: int = 20
     """±1 int8 codes of features ``x`` (n, d), in batches."""
     out = []
     for s in range(0, x.shape[0], batch_size):
-        xb = torch.as_tensor(np.ascontiguousarray(x[s : s + batch_size]), dtype=torch.float32)
+        xb = torch.from_numpy(np.array(x[s : s + batch_size], dtype=np.float32, order="C"))
         out.append(sign_codes(model.encode(xb, modality)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.int8)
+    if out:
+        return np.concatenate(out)
+    bits = model.image_head.net[-1].out_features
+    return np.zeros((0, bits), dtype=np.int8)
+
+
+def feature_dim(arch: dict[str, int], modality: str) -> int:
+    """Input dimension of ``modality`` for a model of architecture ``arch``."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return int(arch["image_dim" if modality == "image" else "text_dim"])
+
+
+VECTOR_COLUMNS = ("features", "image", "text")
+
+
+def _matrix(values: Any, what: str) -> np.ndarray:
+    try:
+        x = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be numeric feature vectors of one length: {e}") from e
+    return x
+
+
+def split_input(model_input: Any, modality: str) -> list[tuple[np.ndarray, str, np.ndarray]]:
+    """Input rows grouped by modality: [(row positions, modality, (m, d) float32 features)]."""
+    if hasattr(model_input, "columns"):  # pandas DataFrame
+        df = model_input
+        mods = df["modality"].astype(str).to_numpy() if "modality" in df.columns else None
+        vec_cols = [c for c in VECTOR_COLUMNS if c in df.columns]
+        if vec_cols:
+            col = df[vec_cols[0]].to_numpy()
+            rows = np.arange(len(df))
+            if mods is None:
+                return [(rows, modality, _matrix(list(col), f"column '{vec_cols[0]}'"))]
+            bad = sorted(set(mods) - set(MODALITIES))
+            if bad:
+                raise ValueError(f"column 'modality' must hold {MODALITIES}, found {bad}")
+            return [
+                (rows[mods == m], m, _matrix(list(col[mods == m]), f"{m} rows"))
+                for m in MODALITIES
+                if (mods == m).any()
+            ]
+        if mods is not None:
+            if len(set(mods)) > 1:
+                raise ValueError(
+                    "rows of different modalities need a vector column ('features') because "
+                    "their feature widths differ"
+                )
+            modality = str(mods[0]) if len(mods) else modality
+            df = df.drop(columns=["modality"])
+        return [(np.arange(len(df)), modality, _matrix(df.to_numpy(), "DataFrame columns"))]
+    x = _matrix(model_input, "features")
+    return [(np.arange(x.shape[0] if x.ndim else 0), modality, x)]
 
 
 class HashCodeModel(mlflow.pyfunc.PythonModel):
-    """Input: a (n, d) float array of one modality's features; param ``modality``: image or text.
-    Output: (n, L) int8 codes in {-1, +1}."""
+    """Encode one modality's features into ±1 hash codes and/or packed bytes (module docstring).
+
+    After loading, ``config``, ``manifest`` and ``metrics`` hold the training config, the
+    dataset manifest and the metrics; :meth:`hash_centers` gives the class hash centers.
+    """
 
     def load_context(self, context: Any) -> None:
         self.model, blob = load_model_file(context.artifacts["weights"])
-        self.arch = blob["arch"]
+        self.arch: dict[str, int] = dict(blob["arch"])
+        self.bits = int(self.arch["bits"])
+        self.config: dict[str, Any] = {}
+        self.manifest: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        arts = context.artifacts
+        if "config" in arts:
+            import yaml
+
+            self.config = yaml.safe_load(Path(arts["config"]).read_text()) or {}
+        if "dataset_manifest" in arts:
+            self.manifest = json.loads(Path(arts["dataset_manifest"]).read_text())
+        if "metrics" in arts:
+            self.metrics = json.loads(Path(arts["metrics"]).read_text())
+
+    def hash_centers(self) -> np.ndarray:
+        """(K, L) int8 ±1 class hash centers: the sign of the center network's output."""
+        with torch.no_grad():
+            return sign_codes(self.model.center_net()).numpy()
+
+    def encode(self, features: Any, modality: str = "image", output: str = "codes") -> Any:
+        """Codes of ``features`` (module docstring for the input forms and ``output``)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"param 'output' must be one of {OUTPUTS}, got {output!r}")
+        if modality not in MODALITIES:
+            raise ValueError(f"param 'modality' must be one of {MODALITIES}, got {modality!r}")
+        groups = split_input(features, modality)
+        n = sum(len(rows) for rows, _, _ in groups)
+        codes = np.empty((n, self.bits), dtype=np.int8)
+        for rows, m, x in groups:
+            want = feature_dim(self.arch, m)
+            if x.ndim != 2 or x.shape[1] != want:
+                raise ValueError(f"{m} features must have shape (n, {want}); got {x.shape}")
+            if not np.isfinite(x).all():
+                raise ValueError(f"{m} features contain NaN or infinite values")
+            codes[rows] = encode(self.model, x, m)
+        if output == "codes":
+            return codes
+        packed = np.packbits(codes > 0, axis=1)
+        return packed if output == "packed" else {"codes": codes, "packed": packed}
 
     # No annotations here: MLflow would derive a second, conflicting schema from them.
     def predict(self, context, model_input, params=None):
         """Encode ``model_input`` (n, d) of the modality named by ``params``."""
-        modality = (params or {}).get("modality", "image")
+        params = params or {}
+        modality = params.get("modality") or "image"
         if modality not in MODALITIES:
             raise ValueError(f"param 'modality' must be one of {MODALITIES}, got {modality!r}")
-        x = np.asarray(model_input, dtype=np.float32)
-        want = self.arch["image_dim" if modality == "image" else "text_dim"]
-        if x.ndim != 2 or x.shape[1] != want:
-            raise ValueError(f"{modality} features must have shape (n, {want}); got {x.shape}")
-        return encode(self.model, x, modality)
+        return self.encode(model_input, modality, params.get("output") or "codes")
 
 
-def log_pyfunc(model_dir: Path, *, manifest: dict[str, Any], metrics: dict[str, Any]) -> Any:
-    """Log the pyfunc (weights, manifest, metrics) into the active run; return its ModelInfo."""
+def _json_default(o: Any) -> Any:
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
+def log_pyfunc(
+    model_dir: Path,
+    *,
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """Log the pyfunc (weights, config, manifest, metrics) into the active run; return its info."""
+    import yaml
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+    _, blob = load_model_file(model_dir / WEIGHTS)
+    arch = blob["arch"]
+    bits = int(arch["bits"])
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, -1))]),
-        params=ParamSchema([ParamSpec("modality", "string", "image")]),
+        inputs=None,  # the width depends on the modality: see the module docstring
+        outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, bits))]),
+        params=ParamSchema(
+            [ParamSpec("modality", "string", "image"), ParamSpec("output", "string", "codes")]
+        ),
     )
-    (model_dir / "dataset_manifest.json").write_text(json.dumps(manifest, indent=2))
-    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (model_dir / METRICS).write_text(
+        json.dumps(metrics, indent=2, sort_keys=True, default=_json_default)
+    )
+    (model_dir / CONFIG).write_text(yaml.safe_dump(config or {}, sort_keys=True))
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=HashCodeModel(),
         artifacts={
             "weights": str(model_dir / WEIGHTS),
-            "dataset_manifest": str(model_dir / "dataset_manifest.json"),
-            "metrics": str(model_dir / "metrics.json"),
+            "config": str(model_dir / CONFIG),
+            "dataset_manifest": str(model_dir / MANIFEST),
+            "metrics": str(model_dir / METRICS),
         },
         signature=signature,
         code_paths=[str(Path(__file__).resolve().parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "mlflow"],
+        metadata={
+            "bits": bits,
+            "packed_bytes": (bits + 7) // 8,
+            "image_dim": int(arch["image_dim"]),
+            "text_dim": int(arch["text_dim"]),
+            "num_classes": int(arch["num_classes"]),
+            "outputs": list(OUTPUTS),
+            "data_version": str((config or {}).get("data_version", "")),
+        },
     )

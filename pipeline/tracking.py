@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -118,6 +119,111 @@ class EpochLogger:
                 time.sleep(0.5 * (attempt + 1))
 
 
+CHAMPION = "champion"
+
+
+def data_version_of(config: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """The run's dataset version: the config's ``data_version``, else derived from the manifest
+    the way :attr:`feature_store.store.DatasetVersion.data_version` derives it."""
+    if config.get("data_version"):
+        return str(config["data_version"])
+    if {"name", "version", "files"} <= set(manifest):
+        digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode())
+        return f"{manifest['name']}/v{manifest['version']}@{digest.hexdigest()[:12]}"
+    return ""
+
+
+def _valid_map(final_metrics: dict[str, Any]) -> float | None:
+    """``best_valid_map``: its ``mean`` when it is a dict (I2T, T2I, mean), else the number."""
+    v = final_metrics.get("best_valid_map")
+    if isinstance(v, dict):
+        v = v.get("mean")
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def promotion_decision(
+    client: Any, name: str, data_version: str, valid_map: float | None
+) -> tuple[bool, str]:
+    """Whether a new version of ``name`` gets the champion alias, and why (one sentence).
+
+    Rule: it does when there is no champion yet, or when its validation MAP is strictly higher
+    than the champion's on the same dataset version. A champion validated on another dataset
+    version is not comparable and keeps the alias (move it by hand to switch datasets).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if valid_map is None:
+        return False, "no validation MAP was recorded, so it cannot be compared"
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return True, f"no '{CHAMPION}' yet; validation MAP {valid_map:.4f} on {data_version}"
+    champ_dv = champ.tags.get("data_version", "")
+    if champ_dv != data_version:
+        return False, (
+            f"current {CHAMPION} (version {champ.version}) was validated on "
+            f"{champ_dv or 'an unrecorded dataset version'}, this run on {data_version}; "
+            "validation MAPs on different dataset versions are not comparable"
+        )
+    champ_map: float | None = None
+    try:
+        champ_map = float(champ.tags["valid_map_mean"])
+    except (KeyError, ValueError):
+        if champ.run_id:
+            champ_map = client.get_run(champ.run_id).data.metrics.get("final/best_valid_map_mean")
+    if champ_map is None:
+        return True, (
+            f"current {CHAMPION} (version {champ.version}) has no recorded validation MAP; "
+            f"this one has {valid_map:.4f} on {data_version}"
+        )
+    if valid_map > champ_map:
+        return True, (
+            f"validation MAP {valid_map:.4f} beats {CHAMPION} version {champ.version} "
+            f"({champ_map:.4f}) on {data_version}"
+        )
+    return False, (
+        f"validation MAP {valid_map:.4f} does not beat {CHAMPION} version {champ.version} "
+        f"({champ_map:.4f}) on {data_version}"
+    )
+
+
+def _register(
+    client: Any,
+    model_uri: str,
+    name: str,
+    run_id: str,
+    data_version: str,
+    final_metrics: dict[str, Any],
+) -> dict[str, Any]:
+    import mlflow
+
+    mv = mlflow.register_model(model_uri, name)
+    version = str(mv.version)
+    valid_map = _valid_map(final_metrics)
+    client.set_model_version_tag(name, version, "data_version", data_version)
+    client.set_model_version_tag(name, version, "run_id", run_id)
+    if valid_map is not None:
+        client.set_model_version_tag(name, version, "valid_map_mean", repr(valid_map))
+    promote, reason = promotion_decision(client, name, data_version, valid_map)
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    outcome = CHAMPION if promote else "not_promoted"
+    client.set_model_version_tag(name, version, "promotion", outcome)
+    client.set_model_version_tag(name, version, "promotion_reason", reason)
+    client.set_tag(run_id, "registered_model", f"{name}/{version}")
+    client.set_tag(run_id, "promotion", outcome)
+    client.set_tag(run_id, "promotion_reason", reason)
+    log.info("registered %s version %s: %s (%s)", name, version, outcome, reason)
+    return {
+        "name": name,
+        "version": version,
+        "alias": CHAMPION if promote else None,
+        "promotion_reason": reason,
+    }
+
+
 def finish_run(
     tracking_uri: str,
     run_id: str,
@@ -127,8 +233,21 @@ def finish_run(
     final_metrics: dict[str, Any],
     model_dir: Path | None,
     registered_model_name: str | None,
-) -> dict[str, str] | None:
-    """Log final metrics and artifacts, log the pyfunc model and register it; close the run."""
+    history: dict[str, Any] | None = None,
+    pr_curves: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Log final metrics, artifacts and plots, log the pyfunc model, register and maybe promote it.
+
+    Artifacts: ``config.yaml`` (resolved config), ``dataset_manifest.json``,
+    ``final_metrics.json``; with ``history`` (per-epoch lists, see :mod:`pipeline.plots`)
+    ``history.json`` and the per-epoch plots; with ``pr_curves`` (``{"i2t": ..., "t2i": ...}``
+    from :func:`pipeline.evaluate.precision_recall_curve`) ``pr_curves.json`` and its plot; all
+    PNGs under ``plots/``. The model goes to ``model/`` and, with ``registered_model_name``, into
+    the registry, where it takes the ``champion`` alias by :func:`promotion_decision`.
+
+    Returns ``{"name", "version", "alias", "promotion_reason"}`` of the registered version
+    (``alias`` is "champion" or None), or None when nothing was registered.
+    """
     import mlflow
 
     client = _client(tracking_uri)
@@ -136,21 +255,46 @@ def finish_run(
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[
-            Metric(f"final/{k}", float(v), ts, 0)
-            for k, v in flat.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        ],
-    )
+    metrics = [
+        Metric(f"final/{k}", float(v), ts, 0)
+        for k, v in flat.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    dv = data_version_of(config, manifest)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         (t / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
         (t / "dataset_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        (t / "final_metrics.json").write_text(json.dumps(final_metrics, indent=2, sort_keys=True))
-        for f in ("config.yaml", "dataset_manifest.json", "final_metrics.json"):
+        (t / "final_metrics.json").write_text(
+            json.dumps(final_metrics, indent=2, sort_keys=True, default=_json_default)
+        )
+        files = ["config.yaml", "dataset_manifest.json", "final_metrics.json"]
+        if history is not None:
+            (t / "history.json").write_text(json.dumps(history, indent=1, default=_json_default))
+            files.append("history.json")
+        if pr_curves is not None:
+            (t / "pr_curves.json").write_text(
+                json.dumps(pr_curves, indent=1, default=_json_default)
+            )
+            files.append("pr_curves.json")
+        for f in files:
             client.log_artifact(run_id, str(t / f))
+        if history is not None or pr_curves is not None:
+            from pipeline.plots import write_run_plots
+
+            warmup = config.get("warmup_epochs")
+            written, problems = write_run_plots(
+                t / "plots",
+                history=history,
+                pr_curves=pr_curves,
+                warmup_epochs=int(warmup) if isinstance(warmup, int) else None,
+            )
+            if written:
+                client.log_artifacts(run_id, str(t / "plots"), artifact_path="plots")
+            if problems:
+                client.set_tag(run_id, "plot_problems", "; ".join(problems)[:5000])
     registered = None
     if model_dir is not None:
         mlflow.set_tracking_uri(tracking_uri)
@@ -158,14 +302,16 @@ def finish_run(
         from pipeline.serving import log_pyfunc
 
         with mlflow.start_run(run_id=run_id):
-            info = log_pyfunc(model_dir, manifest=manifest, metrics=final_metrics)
-        if registered_model_name:
-            mv = mlflow.register_model(info.model_uri, registered_model_name)
-            client.set_model_version_tag(
-                registered_model_name, mv.version, "data_version", config.get("data_version", "")
+            info = log_pyfunc(
+                model_dir,
+                manifest=manifest,
+                metrics=final_metrics,
+                config={**config, "data_version": dv},
             )
-            registered = {"name": registered_model_name, "version": str(mv.version)}
-            client.set_tag(run_id, "registered_model", f"{registered_model_name}/{mv.version}")
+        if registered_model_name:
+            registered = _register(
+                client, info.model_uri, registered_model_name, run_id, dv, final_metrics
+            )
     client.set_terminated(run_id, "FINISHED")
     return registered
 
@@ -178,6 +324,13 @@ def fail_run(tracking_uri: str, run_id: str, error: BaseException) -> None:
         client.set_terminated(run_id, "FAILED")
     except Exception as e:
         log.warning("could not mark MLflow run %s failed: %s", run_id, e)
+
+
+def _json_default(o: Any) -> Any:
+    """NumPy scalars and arrays (and torch tensors) as plain JSON values."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

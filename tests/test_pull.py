@@ -1,0 +1,166 @@
+"""jobs.pull: registry → encode a store split → faiss search → results and MAP; bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from test_serving import register_small_model, shared_tracking_uri
+
+from feature_store import schema as S
+from feature_store.store import open_dataset
+from jobs._cli import run_main
+from jobs.pull import PullError, main, model_uri
+from pipeline import evaluate
+
+REPO = Path(__file__).resolve().parent.parent
+NAME = "pull-small"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_dataset):
+    uri = shared_tracking_uri(tmp_path_factory)
+    reg = register_small_model(
+        tmp_path_factory.mktemp("pull"), name=NAME, dataset=tiny_dataset, tracking_uri=uri
+    )
+    return {**reg, "dataset": tiny_dataset}
+
+
+def _args(registry, *extra: str) -> list[str]:
+    return ["--model", f"{NAME}@champion", "--tracking-uri", registry["tracking_uri"], *extra]
+
+
+def _bad_input(caplog, argv: list[str]) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("bad input: ")
+    assert "Traceback" not in errors[0] and "\n" not in errors[0]
+    return errors[0]
+
+
+def test_pull_end_to_end_in_a_fresh_interpreter_without_ray(registry, tmp_path):
+    summary, results = tmp_path / "summary.json", tmp_path / "results.npz"
+    ok = _args(registry, "--k", "5", "--show", "2", "--summary-json", str(summary))
+    ok += ["--results", str(results)]
+    bad = ["--model", "no-such-model@champion", "--tracking-uri", registry["tracking_uri"]]
+    code = (
+        "import json, sys\n"
+        "from jobs.pull import main\n"
+        f"ok = main({ok!r})\n"
+        f"bad = main({bad!r})\n"
+        "ray = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "print(json.dumps({'ok': ok, 'bad': bad, 'ray': ray}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.strip().splitlines()
+    assert json.loads(out[-1]) == {"ok": 0, "bad": 2, "ray": []}
+    assert sum(line.startswith("query ") for line in out) == 2
+    assert any(line.startswith("MAP image→text, 48 queries × 48 items, 16 bits") for line in out)
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "model 'no-such-model@champion' not found" in errors[0]
+    assert "Traceback" not in r.stderr
+
+    # the reported MAP is the metric of the codes the registered model produces
+    s = json.loads(summary.read_text())
+    assert s["model"]["version"] == "1" and s["model"]["alias"] == "champion"
+    assert s["database"]["size"] == 48 and s["queries"]["count"] == 48 and s["k"] == 5
+    mlflow.set_tracking_uri(registry["tracking_uri"])
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    a = open_dataset(registry["dataset"]).read_arrays("test", [S.IMAGE, S.TEXT, S.LABEL])
+    img = pm.predict(a[S.IMAGE], params={"modality": "image"})
+    txt = pm.predict(a[S.TEXT], params={"modality": "text"})
+    want = evaluate.retrieval_report(img, txt, a[S.LABEL], a[S.LABEL], ks=(1, 5, 10, 100))
+    assert s["metrics"]["map"] == pytest.approx(want["map"])
+    assert s["metrics"]["map_at_k"]["5"] == pytest.approx(want["map_at_k"]["5"])
+    assert s["metrics"]["search_precision_at_k"] == pytest.approx(
+        want["precision_at_k"]["5"]["index"]
+    )
+    saved = np.load(results)
+    assert saved["ids"].shape == (48, 5) and saved["distances"].shape == (48, 5)
+    assert np.all(np.diff(saved["distances"], axis=1) >= 0)
+
+
+def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys):
+    for kind in ("hash", "mih"):
+        out = tmp_path / f"{kind}.json"
+        argv = ["--model", f"{NAME}/1", "--tracking-uri", registry["tracking_uri"]]
+        argv += ["--index", kind, "--k", "3", "--show", "0", "--summary-json", str(out)]
+        assert main(argv) == 0
+        s = json.loads(out.read_text())
+        assert s["index"] == {"kind": kind, "ntotal": 48} and s["model"]["version"] == "1"
+        assert 0.0 <= s["metrics"]["search_precision_at_k"] <= 1.0
+    assert "MAP image→text" in capsys.readouterr().out
+
+
+def test_text_queries_from_a_file_have_no_map(registry, tmp_path, capsys):
+    q = tmp_path / "q.npy"
+    np.save(q, np.random.default_rng(0).normal(size=(4, 16)).astype(np.float64))
+    out = tmp_path / "s.json"
+    argv = _args(registry, "--db-modality", "image", "--queries", str(q), "--k", "2")
+    assert main([*argv, "--summary-json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["queries"] == {"source": str(q), "modality": "text", "count": 4}
+    assert s["metrics"] is None and len(s["results"]) == 4
+    assert "MAP" not in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(registry, tmp_path, caplog):
+    msg = _bad_input(caplog, _args(registry, "--k", "49"))
+    assert "--k 49 is larger than the database (48 items)" in msg
+    msg = _bad_input(caplog, _args(registry, "--max-queries", "0"))
+    assert "query set is empty" in msg
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((3, 24), dtype=np.float32))  # image width, used as text queries
+    msg = _bad_input(caplog, _args(registry, "--db-modality", "image", "--queries", str(wrong)))
+    assert "(3, 24)" in msg and "text head expects (n, 16)" in msg
+    msg = _bad_input(caplog, ["--model", "a/b/c", "--tracking-uri", registry["tracking_uri"]])
+    assert "is not NAME@ALIAS" in msg
+    msg = _bad_input(caplog, ["--model", f"{NAME}/7", "--tracking-uri", registry["tracking_uri"]])
+    assert "not found" in msg
+
+
+def test_dataset_with_other_feature_dims_is_refused(registry, tmp_path, caplog):
+    from feature_store.store import write_dataset
+    from feature_store.synthetic import generate
+
+    splits, meta = generate(
+        num_classes=6, counts={"train": 12, "valid": 6, "test": 6}, image_dim=24, text_dim=9
+    )
+    other = write_dataset(
+        str(tmp_path), "other", splits, source=meta["source"], noise={}, protocol=meta["protocol"]
+    )
+    msg = _bad_input(caplog, _args(registry, "--dataset", other))
+    assert "text features of dimension 9" in msg and "expects 16" in msg
+
+
+def test_unreadable_dataset_exits_2_through_run_main(registry, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(_args(registry, "--dataset", str(tmp_path / "missing"))))
+    assert e.value.code == 2
+
+
+def test_help_and_model_references(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "usage: python -m jobs.pull" in capsys.readouterr().out
+    assert model_uri("m@champion") == ("models:/m@champion", "m", None, "champion")
+    assert model_uri("m/3") == ("models:/m/3", "m", "3", None)
+    assert model_uri("models:/m/3")[0] == "models:/m/3"
+    assert model_uri("runs:/abc/model") == ("runs:/abc/model", None, None, None)
+    for bad in ("", "m", "m@", "m/x"):
+        with pytest.raises(PullError):
+            model_uri(bad)
