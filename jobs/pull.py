@@ -51,10 +51,16 @@ class PulledModel:
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
+    run_tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def bits(self) -> int:
         return int(self.arch["bits"])
+
+    @property
+    def dataset(self) -> str:
+        """The dataset the model was trained on: its config, else its training run's tag."""
+        return str(self.config.get("dataset") or self.run_tags.get("dataset_uri") or "")
 
     def dim(self, modality: str) -> int:
         return int(self.arch["image_dim" if modality == "image" else "text_dim"])
@@ -113,6 +119,13 @@ def load_registered_model(ref: str, tracking_uri: str) -> PulledModel:
         pyfunc = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as e:
         raise PullError(f"model '{ref}' could not be loaded from {uri}: {_first_line(e)}") from e
+    run_id = run_id or pyfunc.metadata.run_id
+    run_tags: dict[str, str] = {}
+    if run_id:
+        try:
+            run_tags = dict(client.get_run(run_id).data.tags)
+        except MlflowException as e:
+            log.debug("run %s of the model is not readable: %s", run_id, e)
     inner = pyfunc.unwrap_python_model()
     arch = getattr(inner, "arch", None)
     if not isinstance(arch, dict) or "bits" not in arch:
@@ -128,6 +141,7 @@ def load_registered_model(ref: str, tracking_uri: str) -> PulledModel:
         version=version,
         alias=alias,
         run_id=run_id,
+        run_tags=run_tags,
     )
 
 
@@ -229,9 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset", default="", help="feature-store version URI (default: the model's dataset)"
     )
-    p.add_argument("--db-split", default="test", help="split encoded as the database (test)")
+    p.add_argument(
+        "--db-split",
+        default=None,
+        help="split encoded as the database (default: 'database' when the dataset has one, "
+        "as multi-label sets do, else 'test')",
+    )
     p.add_argument("--db-modality", choices=MODALITIES, default="text")
-    p.add_argument("--query-split", default="test", help="split whose items query (test)")
+    p.add_argument(
+        "--query-split",
+        default=None,
+        help="split whose items query (default: 'query' when the dataset has one, else 'test')",
+    )
     p.add_argument(
         "--query-modality",
         choices=MODALITIES,
@@ -340,19 +363,22 @@ def run_pull(args: argparse.Namespace) -> dict[str, Any]:
         model.bits,
         load_s,
     )
-    dataset = args.dataset or str(model.config.get("dataset", ""))
+    dataset = args.dataset or model.dataset
     if not dataset:
-        raise PullError("the model's config names no dataset; pass --dataset URI")
+        raise PullError("the model names no dataset (config or run tag); pass --dataset URI")
     ds = open_dataset(dataset)
     q_mod = args.query_modality or ("image" if args.db_modality == "text" else "text")
+    splits = set(ds.manifest.get("counts", {}))
+    db_split = args.db_split or ("database" if "database" in splits else "test")
+    query_split = args.query_split or ("query" if "query" in splits else "test")
 
-    db = encode_split(model, ds, args.db_split, args.db_modality, label_column=args.labels)
+    db = encode_split(model, ds, db_split, args.db_modality, label_column=args.labels)
     log.info("encoded %d %s items of %s in %.2fs", len(db.ids), db.modality, db.source, db.seconds)
     if args.queries:
         queries = encode_file(model, args.queries, q_mod, args.max_queries)
     else:
         queries = encode_split(
-            model, ds, args.query_split, q_mod, label_column=args.labels, limit=args.max_queries
+            model, ds, query_split, q_mod, label_column=args.labels, limit=args.max_queries
         )
     if len(queries.ids) == 0:
         raise PullError(f"the query set is empty ({queries.source}, --max-queries)")
@@ -362,6 +388,7 @@ def run_pull(args: argparse.Namespace) -> dict[str, Any]:
         raise PullError(f"--k {args.k} is larger than the database ({len(db.ids)} items)")
     log.info("encoded %d %s queries in %.2fs", len(queries.ids), q_mod, queries.seconds)
 
+    evaluate._faiss()  # load faiss outside the build timing
     t0 = time.perf_counter()
     index = HammingIndex(
         db.codes,

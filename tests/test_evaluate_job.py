@@ -25,6 +25,7 @@ def test_model_subcommand_reports_both_directions(tmp_path_factory, tiny_dataset
     argv = ["model", "--model", "eval-job@champion", "--tracking-uri", uri, "--ks", "1", "5"]
     assert main([*argv, "--out-dir", str(out), "--summary-json", str(out / "s.json")]) == 0
     s = json.loads((out / "s.json").read_text())
+    assert s["query_split"] == s["database_split"] == "test"  # single-label: test vs test
     assert (out / plots.PR_PNG).read_bytes()[:4] == b"\x89PNG"
     mlflow.set_tracking_uri(uri)
     pm = mlflow.pyfunc.load_model("models:/eval-job/1")

@@ -164,3 +164,46 @@ def test_help_and_model_references(capsys):
     for bad in ("", "m", "m@", "m/x"):
         with pytest.raises(PullError):
             model_uri(bad)
+
+
+def test_multi_label_dataset_defaults_to_query_vs_database(registry, tmp_path):
+    from feature_store.store import write_dataset
+    from feature_store.synthetic import generate
+
+    splits, meta = generate(
+        num_classes=6,
+        counts={"train": 20, "query": 8, "database": 25},
+        image_dim=24,
+        text_dim=16,
+        label_kind="multi",
+        seed=2,
+    )
+    uri = write_dataset(
+        str(tmp_path),
+        "multi",
+        splits,
+        source=meta["source"],
+        noise={},
+        label_kind="multi",
+        protocol=meta["protocol"],
+    )
+    out = tmp_path / "s.json"
+    argv = _args(registry, "--dataset", uri, "--k", "3", "--show", "0")
+    assert main([*argv, "--summary-json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["database"]["source"].endswith(":database") and s["database"]["size"] == 25
+    assert s["queries"]["source"].endswith(":query") and s["queries"]["count"] == 8
+    mlflow.set_tracking_uri(registry["tracking_uri"])
+    pm = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    ds = open_dataset(uri)
+    q = ds.read_arrays("query", [S.IMAGE, S.LABEL])
+    d = ds.read_arrays("database", [S.TEXT, S.LABEL])
+    assert (q[S.LABEL].sum(1) > 1).any()  # really multi-label
+    want = evaluate.mean_average_precision(
+        pm.predict(q[S.IMAGE], params={"modality": "image"}),
+        pm.predict(d[S.TEXT], params={"modality": "text"}),
+        q[S.LABEL],
+        d[S.LABEL],
+        ties="expected",
+    )
+    assert s["metrics"]["map"]["expected"] == pytest.approx(want)
