@@ -67,9 +67,10 @@ def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
 def encode(model: RSHNLModel, x: np.ndarray, modality: str, batch_size: int = 2048) -> np.ndarray:
     """±1 int8 codes of features ``x`` (n, d), in batches."""
     out = []
+    device = next(model.parameters()).device
     for s in range(0, x.shape[0], batch_size):
         xb = torch.from_numpy(np.array(x[s : s + batch_size], dtype=np.float32, order="C"))
-        out.append(sign_codes(model.encode(xb, modality)).numpy())
+        out.append(sign_codes(model.encode(xb.to(device), modality)).cpu().numpy())
     if out:
         return np.concatenate(out)
     bits = model.image_head.net[-1].out_features

@@ -342,3 +342,62 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def close_trial_runs(tracking_uri: str, trials: list[dict[str, Any]]) -> None:
+    """Give every sweep trial's run its final state: FINISHED, KILLED (stopped early) or FAILED.
+
+    A trial stopped by the scheduler is killed mid-run, so its run would otherwise stay RUNNING.
+    """
+    client = _client(tracking_uri)
+    status_of = {"completed": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
+    for t in trials:
+        run_id = t.get("mlflow_run_id")
+        if not run_id:
+            continue
+        client.set_tag(run_id, "trial_status", t["status"])
+        client.set_tag(run_id, "trial_id", str(t.get("trial_id", "")))
+        if t.get("error"):
+            client.set_tag(run_id, "error", str(t["error"])[:5000])
+        if t.get("best_valid_map") is not None:
+            client.log_metric(run_id, "trial/best_valid_map", float(t["best_valid_map"]))
+        client.set_terminated(run_id, status_of.get(t["status"], "FINISHED"))
+
+
+def finish_sweep(
+    tracking_uri: str,
+    parent_run_id: str,
+    best_config: dict[str, Any],
+    summary: dict[str, Any],
+    files: list[Path],
+) -> None:
+    """Log a sweep's best config (params ``best.*``), its summary and files; close its run."""
+    from mlflow.entities import Metric, Param
+
+    client = _client(tracking_uri)
+    client.log_batch(
+        parent_run_id,
+        params=[Param(f"best.{k}", str(v)) for k, v in sorted(best_config.items())],
+        metrics=[
+            Metric("best_valid_map", float(summary["best_valid_map"]), int(time.time() * 1000), 0)
+        ]
+        + [
+            Metric(f"best_test_map_{k}", float(v), int(time.time() * 1000), 0)
+            for k, v in summary.get("best_test_map", {}).items()
+        ],
+    )
+    counts: dict[str, int] = {}
+    for t in summary["trials"]:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    for status, n in counts.items():
+        client.log_metric(parent_run_id, f"trials_{status}", n)
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "sweep_summary.json"
+        p.write_text(json.dumps(summary, indent=2, sort_keys=True, default=_json_default))
+        client.log_artifact(parent_run_id, str(p))
+    for f in files:
+        client.log_artifact(parent_run_id, str(f))
+    if summary.get("registered_model"):
+        reg = summary["registered_model"]
+        client.set_tag(parent_run_id, "registered_model", f"{reg['name']}/{reg['version']}")
+    client.set_terminated(parent_run_id, "FINISHED")

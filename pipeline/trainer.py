@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.store import open_dataset
-from pipeline import tracking
+from pipeline import evaluate, tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import EvalSplit, feature_normalisation, training_dataset
-from pipeline.serving import WEIGHTS, load_model_file
-from pipeline.train_loop import SCORE, evaluate_split, train_func
+from pipeline.serving import WEIGHTS, encode, load_model_file
+from pipeline.train_loop import SCORE, train_func
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def run_training(
             cfg, ds, normalisation, run_name, run_id, tracking_uri, ray_address, callbacks or []
         )
         best_weights = Path(summary.pop("_best_weights"))
+        pr_curves = summary.pop("_pr_curves")
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = Path(tmp)
             shutil.move(best_weights, model_dir / WEIGHTS)
@@ -201,6 +202,8 @@ def run_training(
                 manifest=ds.manifest,
                 final_metrics=final,
                 model_dir=model_dir if log_model else None,
+                history=summary.get("history") or None,
+                pr_curves=pr_curves,
                 registered_model_name=(
                     cfg.registered_model_name if cfg.register_model and log_model else None
                 ),
@@ -275,7 +278,11 @@ def _fit(
         keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
         shutil.copy(Path(d) / WEIGHTS, keep)
     model, _ = load_model_file(keep)
-    test_map = evaluate_split(model, EvalSplit.load(ds, "test"), cfg.eval_batch_size)
+    test = EvalSplit.load(ds, "test")
+    img = encode(model, test.image, "image", cfg.eval_batch_size)
+    txt = encode(model, test.text, "text", cfg.eval_batch_size)
+    test_map = evaluate.cross_modal_map(img, txt, test.label)
+    pr_curves = evaluate.cross_modal_pr_curves(img, txt, test.label)
     import ray
 
     attempts, timings = ray.get(monitor.get.remote())
@@ -304,6 +311,7 @@ def _fit(
         "history": last.get("history", {}),
         "checkpoint_path": best_ckpt.path,
         "_best_weights": str(keep),
+        "_pr_curves": pr_curves,
     }
     log.info(
         "best epoch %d: valid MAP %.4f, test MAP %.4f (i2t %.4f, t2i %.4f)",

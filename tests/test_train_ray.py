@@ -46,7 +46,9 @@ def test_summary_contract(tiny_run):
     assert s["seconds_per_epoch"] > 0
     assert set(s["noise_detection"]) == {"precision", "recall"}
     assert s["restarts"] == 0
-    assert s["registered_model"] == {"name": "rshnl-test", "version": "1"}
+    reg = s["registered_model"]
+    assert (reg["name"], reg["version"]) == ("rshnl-test", "1")
+    assert reg["alias"] == "champion"  # the first version on this dataset version is the champion
 
 
 def test_centers_identical_on_every_rank(tiny_run):
@@ -70,6 +72,8 @@ def test_mlflow_run_metrics_and_registered_model(tiny_run):
     assert run.data.metrics["final/test_map_mean"] == pytest.approx(s["test_map"]["mean"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dataset_manifest.json", "final_metrics.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert len(plots) >= 4 and all(p.endswith(".png") for p in plots)  # MAP, losses, PR, weights
     mv = client.get_model_version("rshnl-test", "1")
     assert mv.run_id == s["mlflow_run_id"]
 
