@@ -1,0 +1,98 @@
+"""A tiny Ray Tune sweep: valid γ per trial, nested MLflow runs, ASHA stops, a registered winner."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.losses import ell_max
+from pipeline.tune import SweepConfig, trial_config
+
+pytestmark = pytest.mark.ray
+
+
+def test_gamma_is_a_fraction_of_ell_max():
+    base = TrainConfig(dataset="x")
+    cfg = trial_config(base, {"gamma_fraction": 0.25, "r": 0.1, "alpha": 0.3, "warmup_epochs": 4})
+    assert cfg.gamma == pytest.approx(0.25 * ell_max(0.1))
+    assert (cfg.r, cfg.alpha, cfg.warmup_epochs) == (0.1, 0.3, 4)
+
+
+@pytest.fixture(scope="module")
+def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
+    from pipeline.tune import run_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    base = TrainConfig(
+        dataset=tiny_dataset,
+        bits=16,
+        hidden_dim=32,
+        epochs=2,
+        batch_size=48,
+        lr=1e-3,
+        workers=1,
+        cpus_per_worker=0.5,
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        experiment_name="sweep-test",
+        registered_model_name="rshnl-sweep-test",
+        storage_path=str(root / "train"),
+    )
+    space = {
+        "r": {"type": "loguniform", "low": 1e-3, "high": 1.0},
+        "gamma_fraction": {"type": "loguniform", "low": 1e-3, "high": 0.5},
+        "alpha": {"type": "loguniform", "low": 1e-2, "high": 1.0},
+        "warmup_epochs": {"type": "randint", "low": 0, "high": 1},
+    }
+    sweep = SweepConfig(
+        base=base,
+        name="tiny",
+        num_samples=4,
+        space=space,
+        grace_period=1,
+        reduction_factor=2,
+        max_concurrent=1,
+        storage_path=str(root / "tune"),
+        seed=1,
+    )
+    return base, run_sweep(sweep)
+
+
+def test_every_trial_satisfies_eq14(sweep_result):
+    _, s = sweep_result
+    assert len(s["trials"]) == 4
+    for t in s["trials"]:
+        c = t["config"]
+        assert 0 < c["gamma"] < ell_max(c["r"])
+
+
+def test_asha_stopped_at_least_one_trial(sweep_result):
+    _, s = sweep_result
+    statuses = [t["status"] for t in s["trials"]]
+    assert "early_stopped" in statuses, statuses
+    assert all(st in ("completed", "early_stopped", "failed") for st in statuses)
+
+
+def test_parent_and_child_runs_and_registered_winner(sweep_result):
+    base, s = sweep_result
+    client = mlflow.tracking.MlflowClient(base.tracking_uri, registry_uri=base.tracking_uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{s['parent_run_id']}'"
+    )
+    assert len(children) == 4
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED", "FAILED"}
+    parent = client.get_run(s["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"trials.csv", "valid_map_vs_gamma.png"} <= {
+        a.path for a in client.list_artifacts(s["parent_run_id"])
+    }
+    assert float(parent.data.params["best.gamma"]) == pytest.approx(s["best_config"]["gamma"])
+    reg = s["registered_model"]
+    mv = client.get_model_version(reg["name"], reg["version"])
+    best = max(
+        (t for t in s["trials"] if t["best_valid_map"] is not None),
+        key=lambda t: t["best_valid_map"],
+    )
+    assert mv.run_id == best["mlflow_run_id"]
+    assert set(s["best_test_map"]) == {"i2t", "t2i", "mean"}
