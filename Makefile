@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 STORE ?= data/store
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow test-e2e lint clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+test-e2e: setup
+	$(BIN)/python -m pytest -m e2e
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

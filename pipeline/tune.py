@@ -77,6 +77,14 @@ class SweepConfig:
         if self.mode == "gamma" and not all(0 < f for f in self.gamma_fractions):
             raise ConfigError("gamma_fractions must be > 0 (γ = fraction × ℓmax(r))")
         self.base.validate()
+        if self.grace_period > self.base.epochs:
+            log.warning(
+                "grace_period %d > epochs %d: using %d",
+                self.grace_period,
+                self.base.epochs,
+                self.base.epochs,
+            )
+            self.grace_period = self.base.epochs
         return self
 
     @classmethod
@@ -355,6 +363,7 @@ def _collect(grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
                 "epochs": epochs,
                 "checkpoint_path": best_ckpt if isinstance(best_ckpt, str) else None,
                 "mlflow_run_id": run_id,
+                "train_storage": (res.config or {}).get("_train_storage", ""),
                 "error": str(res.error).splitlines()[0][:500] if res.error is not None else None,
             }
         )
@@ -371,7 +380,10 @@ def _register_best(
     from pipeline.serving import WEIGHTS, load_model_file
     from pipeline.train_loop import evaluate_split
 
-    fs, path = pafs.FileSystem.from_uri(best["checkpoint_path"])
+    ckpt = best["checkpoint_path"]
+    if "://" not in ckpt and "://" in best.get("train_storage", ""):
+        ckpt = best["train_storage"].split("://", 1)[0] + "://" + ckpt  # Tune reports bare paths
+    fs, path = pafs.FileSystem.from_uri(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / WEIGHTS
         with fs.open_input_stream(f"{path}/{WEIGHTS}") as src, open(local, "wb") as dst:
