@@ -30,7 +30,9 @@ class TrainingError(RuntimeError):
     """Training did not complete; the message says why."""
 
 
-def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
+def ensure_ray(
+    cfg: TrainConfig, address: str | None = None, *, include_dashboard: bool = False
+) -> None:
     """Connect to $RAY_ADDRESS / ``address`` or start a local Ray with CPUs for workers and data."""
     import ray
 
@@ -47,7 +49,10 @@ def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
     # Ray Data's read/shuffle tasks need CPUs beside the training workers, or the run hangs.
     num_cpus = max(math.ceil(cfg.workers * cfg.cpus_per_worker) + 2, os.cpu_count() or 1)
     ray.init(
-        num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False
+        num_cpus=num_cpus,
+        include_dashboard=include_dashboard,
+        log_to_driver=True,
+        configure_logging=False,
     )
 
 

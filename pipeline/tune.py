@@ -182,7 +182,9 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     )
     tracking_uri = tracking.resolve_tracking_uri(base.tracking_uri)
     base = base.replace(tracking_uri=tracking_uri)
-    ensure_ray(base)
+    # Train's placement-group cleaner needs the state API (the dashboard) to release the worker
+    # group of a finished trial; without it each trial's CPUs stay reserved.
+    ensure_ray(base, include_dashboard=True)
 
     exp_path = f"{storage.rstrip('/')}/{name}"
     restoring = sweep.resume and tune.Tuner.can_restore(exp_path)
@@ -228,8 +230,9 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
                 mode="max",
                 num_samples=1 if sweep.mode == "gamma" else sweep.num_samples,
                 scheduler=scheduler,
-                max_concurrent_trials=concurrent,
-                search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                search_alg=BasicVariantGenerator(
+                    random_state=sweep.seed, max_concurrent=concurrent
+                ),
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=0)
