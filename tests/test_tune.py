@@ -51,7 +51,7 @@ def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
         space=space,
         grace_period=1,
         reduction_factor=2,
-        max_concurrent=1,
+        max_concurrent=4,  # trials side by side: ASHA compares them at epoch 1
         storage_path=str(root / "tune"),
         seed=1,
     )
