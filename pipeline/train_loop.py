@@ -86,8 +86,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # Ray Train logs every report with its full metrics at INFO; our epoch line says it shorter.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
