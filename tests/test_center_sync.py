@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_util import finish_worker
 
 from pipeline.step import assert_centers_synced, center_checksum
 
@@ -24,7 +25,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, drift: bool) ->
     except RuntimeError as e:
         result["error"] = str(e)
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    finish_worker()
 
 
 def _run(tmp_path: Path, drift: bool) -> list[dict]:
