@@ -3,6 +3,9 @@
 ``scaling``: seconds per epoch of a plain single-process PyTorch loop over in-memory tensors and of
 Ray Train runs with 1..N workers, measured in one invocation, with the time each Ray epoch spends
 outside the training step (data wait, end-of-epoch gathers, evaluation, checkpoint, report).
+``plain``: the training step alone in one process, on CPU or one GPU.
+``grid``: method × noise rate × bits × seed, each cell a training run; resumable; writes a Markdown
+table laid out like the paper's Table 1 and a CSV, and logs every cell to MLflow.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import logging
 import time
 from typing import Any
 
-from jobs._cli import EXIT_OK, run_main, setup_logging, write_json_atomic
-from pipeline.config import TrainConfig
+from jobs._cli import EXIT_FAILED, EXIT_OK, run_main, setup_logging, write_json_atomic
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.methods import DESCRIPTIONS
 
 log = logging.getLogger("jobs.benchmark")
 
@@ -156,12 +160,81 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default="cpu", help="cpu or cuda")
     pl.add_argument("--threads", type=int, default=2)
     pl.add_argument("--summary-json")
+    g = sub.add_parser(
+        "grid",
+        help="methods × noise rates × bits × seeds, one training run per cell (resumable)",
+        description="Methods: " + "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()),
+    )
+    g.add_argument("--dataset", required=True, help="clean dataset version URI (STORE/NAME/vN)")
+    g.add_argument("--config", help="YAML with TrainConfig keys (e.g. configs/wiki.yaml)")
+    g.add_argument("--methods", default="RSHNL,RSHNL-3,plain", help="comma-separated")
+    g.add_argument("--noise", default="0.2,0.4,0.6,0.8", help="comma-separated noise rates")
+    g.add_argument("--bits", default="16,32,64,128", help="comma-separated code lengths")
+    g.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--workers", type=int, help="Ray Train workers per cell (default 1)")
+    g.add_argument(
+        "--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker; default 1"
+    )
+    g.add_argument("--noise-seed", type=int, default=0, help="seed of the label noise")
+    g.add_argument("--noise-mode", help="symmetric (default for single-label), asymmetric, ...")
+    g.add_argument("--max-concurrent", type=int, default=0, help="cells at a time (0: by CPUs)")
+    g.add_argument("--out", required=True, help="results folder; rerun to resume")
+    g.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep finished cells' checkpoints"
+    )
+    g.add_argument("--summary-json")
     return p
+
+
+def _csv(text: str, kind: type) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ConfigError(f"could not read the list {text!r}: {e}") from e
+
+
+def grid(args: argparse.Namespace) -> int:
+    from pipeline.grid import GridSpec, run_grid
+
+    cfg = TrainConfig.load(
+        args.config,
+        {
+            "dataset": args.dataset,
+            "epochs": args.epochs,
+            "workers": args.workers or 1,
+            "cpus_per_worker": args.cpus_per_worker,
+            "experiment_name": "benchmark-grid",
+            "register_model": False,
+        },
+    )
+    spec = GridSpec(
+        base=cfg,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        noise_rates=_csv(args.noise, float),
+        bits=_csv(args.bits, int),
+        seeds=_csv(args.seeds, int),
+        out=args.out,
+        noise_seed=args.noise_seed,
+        noise_mode=args.noise_mode,
+        max_concurrent=args.max_concurrent,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    result = run_grid(spec)
+    log.info("grid %s (%s):\n%s", result["grid"], result["out"], result["table_markdown"])
+    if args.summary_json:
+        write_json_atomic(args.summary_json, result)
+    if result["failed"]:
+        log.error("%d cell(s) failed: %s", len(result["failed"]), result["failed"])
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.command == "grid":
+        return grid(args)
     cfg = TrainConfig.load(
         args.config,
         {

@@ -42,6 +42,9 @@ class TrainConfig:
     warmup_epochs: int = 5  # N_w of Eq 9
     chl_exclude_self: bool = False  # Eq 2 as written includes j = m; True as in the authors' code
     centers: str = "learned"  # "learned" (center network), or fixed "random" / "hadamard" ±1 rows
+    weighting: str = "spl"  # after warm-up: spl (Eq 12), hard (RSHNL-S), none, small_loss
+    loss_form: str = "robust"  # robust terms of Eq 3/7, or "ce" (−log p, non-robust baselines)
+    keep_rate: float = 0.0  # small_loss: share kept per batch; 0 = 1 − the data's noise rate
     global_negatives: str = (
         "auto"  # CHL denominator over all workers' codes: auto (>1 worker)/on/off
     )
@@ -101,6 +104,13 @@ class TrainConfig:
             "global_negatives",
             "must be 'auto', 'on' or 'off'",
         )
+        need(
+            self.weighting in ("spl", "hard", "none", "small_loss"),
+            "weighting",
+            "must be 'spl', 'hard', 'none' or 'small_loss'",
+        )
+        need(self.loss_form in ("robust", "ce"), "loss_form", "must be 'robust' or 'ce'")
+        need(0 <= self.keep_rate <= 1, "keep_rate", "must be in [0, 1] (0: 1 − noise rate)")
         need(self.gamma > 0, "gamma", "the learning pace γ must be > 0 (Eq 12)")
         need(0 < self.r <= 1, "r", "must be in (0, 1] (Eq 6)")
         need(self.alpha >= 0, "alpha", "must be ≥ 0")

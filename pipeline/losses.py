@@ -6,6 +6,7 @@ L2-normalised outputs of the hash heads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,16 @@ import torch
 def robust_term(p: torch.Tensor, r: float) -> torch.Tensor:
     """(1 − r)(1 − p^r)/r + r(1 − p): the per-term form shared by Eq 3, 6 and 7."""
     return (1.0 - r) * (1.0 - p.pow(r)) / r + r * (1.0 - p)
+
+
+def ce_term(p: torch.Tensor) -> torch.Tensor:
+    """−log p: the limit of ``robust_term`` as r → 0, i.e. plain cross-entropy (baselines)."""
+    return -torch.log(p.clamp_min(1e-12))
+
+
+def per_term(p: torch.Tensor, r: float, loss_form: str = "robust") -> torch.Tensor:
+    """``robust_term`` (the paper's) or ``ce_term`` (the non-robust baseline)."""
+    return robust_term(p, r) if loss_form == "robust" else ce_term(p)
 
 
 def chl_probabilities(
@@ -57,10 +68,11 @@ def chl_loss(
     exclude_self: bool = False,
     all_codes: list[torch.Tensor] | None = None,
     offset: int = 0,
+    loss_form: str = "robust",
 ) -> torch.Tensor:
     """L_C of Eq 3: (1/N) Σ_i Σ_m robust_term(q(i | x_i^m)), averaged over the anchors given."""
     q = chl_probabilities(codes, tau, exclude_self, all_codes, offset)
-    return robust_term(q, r).sum(dim=0).mean()
+    return per_term(q, r, loss_form).sum(dim=0).mean()
 
 
 def center_probabilities(h: torch.Tensor, centers: torch.Tensor, tau: float) -> torch.Tensor:
@@ -79,10 +91,13 @@ def pair_losses(
     labels: torch.Tensor,
     tau: float,
     r: float,
+    loss_form: str = "robust",
 ) -> torch.Tensor:
     """ℓ_i of Eq 7 (the summand of Eq 6): Σ_m robust_term(v_i^m), shape (B,)."""
     terms = [
-        robust_term(aggregation_probability(center_probabilities(h, centers, tau), labels), r)
+        per_term(
+            aggregation_probability(center_probabilities(h, centers, tau), labels), r, loss_form
+        )
         for h in codes
     ]
     return torch.stack(terms, dim=0).sum(dim=0)
@@ -98,6 +113,21 @@ def spl_weights(ell: torch.Tensor, gamma: float) -> torch.Tensor:
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     return (1.0 - ell.detach() / gamma).clamp_min(0.0)
+
+
+def hard_weights(ell: torch.Tensor, gamma: float) -> torch.Tensor:
+    """RSHNL-S: 1 where Eq 12 gives a positive weight (ℓ_i < γ), else 0."""
+    return (ell.detach() < gamma).to(ell.dtype)
+
+
+def small_loss_weights(ell: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """Small-loss selection: 1 for the ⌈keep_rate·B⌉ items of the batch with the smallest ℓ_i."""
+    n = ell.shape[0]
+    keep = min(n, max(1, math.ceil(keep_rate * n - 1e-9))) if n else 0
+    w = torch.zeros_like(ell)
+    if keep:
+        w[torch.argsort(ell.detach(), stable=True)[:keep]] = 1.0
+    return w
 
 
 def spl_regularizer(w: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -142,17 +172,37 @@ def rshnl_objective(
     exclude_self: bool = False,
     all_codes: list[torch.Tensor] | None = None,
     offset: int = 0,
+    weighting: str = "spl",
+    loss_form: str = "robust",
+    keep_rate: float = 1.0,
 ) -> LossTerms:
     """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C.
 
     ``all_codes``/``offset``: CHL negatives from every worker (see ``chl_probabilities``).
+    Variants for ablations and baselines after warm-up: ``weighting`` "spl" (Eq 12), "hard"
+    (RSHNL-S), "none" (L_p throughout, RSHNL-3 / plain), "small_loss" (keep ``keep_rate`` of the
+    batch with the smallest ℓ_i, mean over the kept); ``loss_form`` "ce" swaps the robust terms
+    of Eq 3/7 for −log p.
     """
     codes = [h_image, h_text]
-    l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset)
-    ell = pair_losses(codes, centers, labels, tau, r)
+    l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset, loss_form)
+    ell = pair_losses(codes, centers, labels, tau, r, loss_form)
     w = spl_weights(ell, gamma)
     warm = epoch < warmup_epochs
-    center = center_aggregation_loss(ell) if warm else self_paced_loss(ell, w, gamma)
+    if warm or weighting == "none":
+        center = center_aggregation_loss(ell)
+    elif weighting == "spl":
+        center = self_paced_loss(ell, w, gamma)
+    elif weighting == "hard":
+        w = hard_weights(ell, gamma)
+        center = (w * ell).mean()
+    elif weighting == "small_loss":
+        w = small_loss_weights(ell, keep_rate)
+        center = (w * ell).sum() / w.sum().clamp_min(1.0)
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}")
+    if weighting == "none" and not warm:
+        w = torch.ones_like(ell)
     return LossTerms(
         total=center + alpha * l_c,
         chl=l_c.detach(),

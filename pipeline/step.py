@@ -111,6 +111,9 @@ def compute_loss(
         exclude_self=cfg.chl_exclude_self,
         all_codes=all_codes,
         offset=offset,
+        weighting=cfg.weighting,
+        loss_form=cfg.loss_form,
+        keep_rate=cfg.keep_rate or 1.0,
     )
 
 

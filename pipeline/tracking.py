@@ -401,3 +401,15 @@ def finish_sweep(
         reg = summary["registered_model"]
         client.set_tag(parent_run_id, "registered_model", f"{reg['name']}/{reg['version']}")
     client.set_terminated(parent_run_id, "FINISHED")
+
+
+def finish_grid(
+    tracking_uri: str, parent_run_id: str, metrics: dict[str, float], files: list[Path]
+) -> None:
+    """Log a benchmark grid's tables to its parent run and close it."""
+    client = _client(tracking_uri)
+    for key, value in metrics.items():
+        client.log_metric(parent_run_id, key, float(value))
+    for f in files:
+        client.log_artifact(parent_run_id, str(f))
+    client.set_terminated(parent_run_id, "FINISHED")

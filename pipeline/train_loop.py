@@ -47,6 +47,11 @@ _BATCH_DTYPES = {
 }
 
 
+def resolve_keep_rate(manifest: dict[str, Any]) -> float:
+    """Small-loss selection keeps 1 − the noise rate recorded for the data (at least 5 %)."""
+    return max(0.05, 1.0 - float(manifest.get("noise", {}).get("rate") or 0.0))
+
+
 def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
     """Strictly ordered score so that the best checkpoint is unambiguous under equal MAPs."""
     return valid_map_mean + epoch * 1e-12
@@ -95,6 +100,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     )
 
     ds = open_dataset(cfg.dataset, verify=False)  # the driver verified checksums
+    if cfg.weighting == "small_loss" and not cfg.keep_rate:
+        cfg = cfg.replace(keep_rate=resolve_keep_rate(ds.manifest))
     dims, k = ds.dims, ds.num_classes
     model = build_model(cfg, dims, k)
     for m, (mean, scale) in loop_config["normalisation"].items():

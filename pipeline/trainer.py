@@ -282,11 +282,13 @@ def _fit(
     with best_ckpt.as_directory() as d:
         keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
         shutil.copy(Path(d) / WEIGHTS, keep)
+    t_test = time.perf_counter()
     model, _ = load_model_file(keep)
     test = EvalSplit.load(ds, "test")
     img = encode(model, test.image, "image", cfg.eval_batch_size)
     txt = encode(model, test.text, "text", cfg.eval_batch_size)
     test_map = evaluate.cross_modal_map(img, txt, test.label)
+    test_eval_seconds = time.perf_counter() - t_test
     pr_curves = evaluate.cross_modal_pr_curves(img, txt, test.label)
     import ray
 
@@ -307,6 +309,7 @@ def _fit(
         "epochs_run": int(last.get("epoch", 0)),
         "seconds_per_epoch": float(last.get("seconds_per_epoch", float("nan"))),
         "wall_seconds": wall,
+        "test_eval_seconds": test_eval_seconds,
         "noise_detection": last.get("noise_detection", {}),
         "center_checksums": list(last.get("center_checksums", [])),
         "restarts": restarts,
