@@ -42,6 +42,27 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_clean(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small clean synthetic dataset (single-label, 6 classes) for making noisy copies of."""
+    from feature_store.noise import apply_noise
+    from feature_store.store import write_dataset
+    from feature_store.synthetic import generate
+
+    splits, meta = generate(
+        num_classes=6,
+        counts={"train": 192, "valid": 48, "test": 48},
+        image_dim=24,
+        text_dim=16,
+        seed=4,
+    )
+    noise = apply_noise(splits["train"], "none", 0.0, seed=0)
+    store = tmp_path_factory.mktemp("clean-store")
+    return write_dataset(
+        str(store), "clean", splits, source=meta["source"], noise=noise, protocol=meta["protocol"]
+    )
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the session; logical CPUs above the worker count (Ray Data needs some)."""
     import ray

@@ -1,0 +1,226 @@
+"""SCBCH losses: robust cross-modal hashing for noisy multi-label data (no Ray, no MLflow).
+
+Two parts, in this project's precise formulation of a method described in words:
+
+* CSCC: a classifier on the codes of each modality, whose per-item BCE is weighted by a
+  reliability weight w_i = g + (1 − g)·cos(ŷ_i, y_i), where ŷ_i propagates the labels of the k
+  cross-modal nearest neighbours of item i over the whole training set.
+* BSCH: a bidirectional soft contrastive loss whose soft targets are the Jaccard similarities of
+  the label vectors, with a margin subtracted from the logits of label-sharing pairs, plus a
+  soft-label BCE that separates pairs around a similarity shift.
+
+total = alpha·BSCH + beta·quantization + mean_i w_i c_i.
+Defaults: alpha 0.7, beta 0.3, k 20, g 0.5.
+
+Shapes: B items, L bits, K labels. ``u_img`` and ``u_txt`` are (B, L) tanh outputs in (−1, 1),
+not normalised; ``labels`` is (B, K) multi-hot float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_ALPHA = 0.7
+DEFAULT_BETA = 0.3
+DEFAULT_K = 20
+DEFAULT_G = 0.5
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """J_ij = |a_i ∧ b_j| / |a_i ∨ b_j| for multi-hot rows, (N, M); 0 where the union is empty."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    a = a.to(dtype)
+    b = b.to(dtype)
+    inter = a @ b.T
+    union = a.sum(dim=1, keepdim=True) + b.sum(dim=1)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+
+
+def cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """C_ij = <x_i, y_j> / (‖x_i‖‖y_j‖), (N, M), rows L2-normalised with eps 1e-12."""
+    return F.normalize(x, dim=1, eps=1e-12) @ F.normalize(y, dim=1, eps=1e-12).T
+
+
+def _soft_ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """mean over rows with Σ_j T_ij > 0 of −Σ_j t_ij log_softmax(logits)_ij, t = T / Σ_j T_ij."""
+    row_sum = targets.sum(dim=1, keepdim=True)
+    keep = row_sum.squeeze(1) > 0
+    if not bool(keep.any()):
+        return None
+    t = targets[keep] / row_sum[keep]
+    return -(t * F.log_softmax(logits[keep], dim=1)).sum(dim=1).mean()
+
+
+def soft_contrastive(
+    u_img: torch.Tensor, u_txt: torch.Tensor, labels: torch.Tensor, *, margin: float, tau: float
+) -> torch.Tensor:
+    """½(L_i2t + L_t2i) with logits (S − margin·T)/tau, S = cos(u_img, u_txt), T = Jaccard(y, y).
+
+    L_i2t = mean_i −Σ_j t_ij log softmax_j(logits)_ij with t_ij = T_ij / Σ_j T_ij; L_t2i is the
+    same with text anchors (S.T, T.T). Rows whose targets are all zero are skipped.
+    """
+    S = cosine_matrix(u_img, u_txt)
+    T = jaccard(labels, labels).to(S.dtype)
+    parts = [
+        _soft_ce_rows((S - margin * T) / tau, T),
+        _soft_ce_rows((S.T - margin * T.T) / tau, T.T),
+    ]
+    if parts[0] is None or parts[1] is None:
+        return S.sum() * 0.0
+    return 0.5 * (parts[0] + parts[1])
+
+
+def pair_separation(
+    u_img: torch.Tensor, u_txt: torch.Tensor, labels: torch.Tensor, *, shift: float, tau: float
+) -> torch.Tensor:
+    """mean_ij T_ij·softplus(−z_ij) + (1 − T_ij)·softplus(z_ij), z = (S − shift)/tau."""
+    S = cosine_matrix(u_img, u_txt)
+    T = jaccard(labels, labels).to(S.dtype)
+    z = (S - shift) / tau
+    return (T * F.softplus(-z) + (1.0 - T) * F.softplus(z)).mean()
+
+
+def bsch_loss(
+    u_img: torch.Tensor,
+    u_txt: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    shift: float,
+    tau: float,
+    separation_weight: float = 1.0,
+) -> torch.Tensor:
+    """soft_contrastive + separation_weight·pair_separation."""
+    con = soft_contrastive(u_img, u_txt, labels, margin=margin, tau=tau)
+    sep = pair_separation(u_img, u_txt, labels, shift=shift, tau=tau)
+    return con + separation_weight * sep
+
+
+def _sgn(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
+
+
+def quantization_loss(u_img: torch.Tensor, u_txt: torch.Tensor) -> torch.Tensor:
+    """½(mean|u_img − sgn(u_img)| + mean|u_txt − sgn(u_txt)|), with sgn(0) = +1."""
+    q_img = (u_img - _sgn(u_img.detach())).abs().mean()
+    q_txt = (u_txt - _sgn(u_txt.detach())).abs().mean()
+    return 0.5 * (q_img + q_txt)
+
+
+def classification_losses(
+    logits_img: torch.Tensor, logits_txt: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """c_i = Σ_{m ∈ {img, txt}} mean_k BCEWithLogits(logits_m[i, k], y[i, k]), shape (B,)."""
+    y = labels.to(logits_img.dtype)
+    c_img = F.binary_cross_entropy_with_logits(logits_img, y, reduction="none").mean(dim=1)
+    c_txt = F.binary_cross_entropy_with_logits(logits_txt, y, reduction="none").mean(dim=1)
+    return c_img + c_txt
+
+
+def weighted_classification(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mean_i w_i c_i, with w detached."""
+    return (w.detach().to(c.dtype) * c).mean()
+
+
+def _knn_mask(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries per row; ties at the k-th value go to smaller j."""
+    thresh = torch.topk(sim, k, dim=1).values[:, -1:]
+    greater = sim > thresh
+    need = k - greater.sum(dim=1, keepdim=True, dtype=torch.int32)
+    equal = sim == thresh
+    rank = torch.cumsum(equal, dim=1, dtype=torch.int32)
+    return greater | (equal & (rank <= need))
+
+
+@torch.no_grad()
+def reliability_weights(
+    codes_img: torch.Tensor,
+    codes_txt: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int,
+    g: float,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """CSCC reliability w_i = g + (1 − g)·cos(ŷ_i, y_i) over a whole training set, float32 (N,).
+
+    sim_ij = ½(cos(img_i, txt_j) + cos(txt_i, img_j)), j ≠ i; kNN(i) are the k largest sim_ij
+    (k clipped to N − 1; ties broken by smaller j); ŷ_i = Σ_{j ∈ kNN(i)} max(sim_ij, 0)·y_j;
+    cos(ŷ_i, y_i) is 0 when either vector is all zero. Rows are processed ``chunk`` at a time.
+    """
+    img = F.normalize(codes_img.float(), dim=1, eps=1e-12)
+    txt = F.normalize(codes_txt.float(), dim=1, eps=1e-12)
+    y = labels.float()
+    N = y.shape[0]
+    k = min(int(k), N - 1)
+    y_norm = y.norm(dim=1)
+    out = torch.empty(N, dtype=torch.float32, device=y.device)
+    for start in range(0, N, max(1, int(chunk))):
+        stop = min(start + max(1, int(chunk)), N)
+        rows = torch.arange(start, stop, device=y.device)
+        if k <= 0:
+            y_hat = torch.zeros(stop - start, y.shape[1], device=y.device)
+        else:
+            sim = 0.5 * (img[start:stop] @ txt.T + txt[start:stop] @ img.T)
+            sim[rows - start, rows] = float("-inf")
+            mask = _knn_mask(sim, k)
+            y_hat = sim.clamp_(min=0.0).masked_fill_(~mask, 0.0) @ y
+        dot = (y_hat * y[start:stop]).sum(dim=1)
+        denom = y_hat.norm(dim=1) * y_norm[start:stop]
+        c = torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.zeros_like(dot))
+        out[start:stop] = g + (1.0 - g) * c
+    return out
+
+
+@dataclass
+class SCBCHTerms:
+    """The SCBCH objective and its parts; all but ``total`` are detached."""
+
+    total: torch.Tensor
+    contrastive: torch.Tensor
+    quantization: torch.Tensor
+    classification: torch.Tensor
+    per_item: torch.Tensor
+
+
+def scbch_objective(
+    u_img: torch.Tensor,
+    u_txt: torch.Tensor,
+    logits_img: torch.Tensor,
+    logits_txt: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    alpha: float,
+    beta: float,
+    margin: float,
+    shift: float,
+    tau: float,
+    separation_weight: float,
+) -> SCBCHTerms:
+    """total = alpha·bsch + beta·quantization + mean_i w_i c_i (w = 1 when ``weights`` is None)."""
+    bsch = bsch_loss(
+        u_img,
+        u_txt,
+        labels,
+        margin=margin,
+        shift=shift,
+        tau=tau,
+        separation_weight=separation_weight,
+    )
+    quant = quantization_loss(u_img, u_txt)
+    c = classification_losses(logits_img, logits_txt, labels)
+    if weights is None:
+        weights = torch.ones_like(c)
+    cls = weighted_classification(c, weights)
+    total = alpha * bsch + beta * quant + cls
+    return SCBCHTerms(
+        total=total,
+        contrastive=bsch.detach(),
+        quantization=quant.detach(),
+        classification=cls.detach(),
+        per_item=c.detach(),
+    )
