@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-kind", choices=S.LABEL_KINDS, default=S.SINGLE)
     s.add_argument("--num-classes", type=int, default=10)
     s.add_argument("--train", type=int, default=2000)
-    s.add_argument("--valid", type=int, default=200, help="single-label validation size")
+    s.add_argument(
+        "--valid", type=int, default=200, help="validation size (multi-label too; 0: none)"
+    )
     s.add_argument("--test", type=int, default=500, help="single-label test size")
     s.add_argument("--query", type=int, default=200, help="multi-label query size")
     s.add_argument("--database", type=int, default=1000, help="multi-label database size")
@@ -285,7 +287,12 @@ def _plan(args: argparse.Namespace) -> ImportPlan:
     counts = (
         {"train": args.train, "valid": args.valid, "test": args.test}
         if args.label_kind == S.SINGLE
-        else {"train": args.train, "query": args.query, "database": args.database}
+        else {
+            "train": args.train,
+            **({"valid": args.valid} if args.valid > 0 else {}),
+            "query": args.query,
+            "database": args.database,
+        }
     )
     return generate_plan(
         num_classes=args.num_classes,

@@ -17,6 +17,7 @@ log = logging.getLogger("jobs.train")
 # flag → (config key, type)
 _FLAGS: dict[str, tuple[str, type]] = {
     "--dataset": ("dataset", str),
+    "--method": ("method", str),
     "--bits": ("bits", int),
     "--epochs": ("epochs", int),
     "--workers": ("workers", int),
@@ -42,6 +43,14 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--global-negatives": ("global_negatives", str),
     "--shuffle-buffer": ("shuffle_buffer", int),
     "--placement-strategy": ("placement_strategy", str),
+    "--weighting": ("weighting", str),
+    "--loss-form": ("loss_form", str),
+    "--weight-decay": ("weight_decay", float),
+    "--eval-top-k": ("eval_top_k", int),
+    "--scbch-alpha": ("scbch_alpha", float),
+    "--scbch-beta": ("scbch_beta", float),
+    "--scbch-k": ("scbch_k", int),
+    "--scbch-g": ("scbch_g", float),
 }
 
 

@@ -30,6 +30,7 @@ class TrainConfig:
     """
 
     dataset: str = ""
+    method: str = "rshnl"  # "rshnl" (Eq 1–14) or "scbch" (noisy multi-label; pipeline/scbch.py)
     # model (authors' implementation: d→4096→4096→L heads and K→4096→4096→L center network)
     bits: int = 128
     hidden_dim: int = 4096
@@ -45,6 +46,15 @@ class TrainConfig:
     weighting: str = "spl"  # after warm-up: spl (Eq 12), hard (RSHNL-S), none, small_loss
     loss_form: str = "robust"  # robust terms of Eq 3/7, or "ce" (−log p, non-robust baselines)
     keep_rate: float = 0.0  # small_loss: share kept per batch; 0 = 1 − the data's noise rate
+    # SCBCH (method "scbch"): alpha·BSCH + beta·quantisation + reliability-weighted BCE
+    scbch_alpha: float = 0.7
+    scbch_beta: float = 0.3
+    scbch_k: int = 20  # neighbours for the reliability weights
+    scbch_g: float = 0.5  # weight floor g in w = g + (1 − g)·cos
+    scbch_margin: float = 0.2  # subtracted from label-sharing pairs' logits, scaled by Jaccard
+    scbch_shift: float = 0.3  # similarity around which pairs are separated
+    scbch_tau: float = 0.1  # temperature of the BSCH similarities
+    scbch_separation: float = 1.0  # weight of the pair-separation term inside BSCH
     global_negatives: str = (
         "auto"  # CHL denominator over all workers' codes: auto (>1 worker)/on/off
     )
@@ -52,6 +62,7 @@ class TrainConfig:
     epochs: int = 150
     batch_size: int = 256  # global batch; each of W workers gets batch_size // W
     lr: float = 1e-4
+    weight_decay: float = 0.0  # Adam weight decay (SCBCH's authors use 1e-5)
     seed: int = 0
     shuffle_buffer: int = 4096  # rows shuffled locally by each worker per epoch
     data_cache_max_bytes: int = 2 << 30  # train splits up to this size are cached in Ray's store
@@ -63,6 +74,7 @@ class TrainConfig:
     bf16: bool = False  # autocast the MLPs to bfloat16 (losses stay fp32)
     max_failures: int = 0
     eval_batch_size: int = 2048
+    eval_top_k: int = 0  # >0: also report MAP@k (multi-label benchmarks use e.g. 5000)
     center_sync_check_every: int = 0  # >0: all-gather a center checksum every N steps and assert
     storage_path: str = "runs"  # Ray Train run storage (local path or s3://)
     resume: bool = False  # continue run_name from its latest checkpoint in storage_path
@@ -82,6 +94,15 @@ class TrainConfig:
                 raise ConfigError(f"config '{key}' = {getattr(self, key)!r}: {msg}")
 
         need(bool(self.dataset), "dataset", "a dataset URI is required (STORE/NAME/vN)")
+        need(self.method in ("rshnl", "scbch"), "method", "must be 'rshnl' or 'scbch'")
+        need(self.scbch_alpha >= 0, "scbch_alpha", "must be ≥ 0")
+        need(self.scbch_beta >= 0, "scbch_beta", "must be ≥ 0")
+        need(self.scbch_k >= 1, "scbch_k", "must be ≥ 1")
+        need(0 <= self.scbch_g <= 1, "scbch_g", "must be in [0, 1]")
+        need(self.scbch_tau > 0, "scbch_tau", "must be > 0")
+        need(self.scbch_separation >= 0, "scbch_separation", "must be ≥ 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be ≥ 0")
+        need(self.eval_top_k >= 0, "eval_top_k", "must be ≥ 0 (0: MAP over the whole list)")
         need(self.bits > 0, "bits", "must be a positive number of bits")
         need(self.hidden_dim > 0, "hidden_dim", "must be positive")
         need(

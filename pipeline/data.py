@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion
+
+log = logging.getLogger(__name__)
 
 
 def training_dataset(ds: DatasetVersion, seed: int, workers: int, cache_max_bytes: int):
@@ -47,6 +52,63 @@ class EvalSplit:
     def load(cls, ds: DatasetVersion, split: str) -> EvalSplit:
         a = ds.read_arrays(split, [S.IMAGE, S.TEXT, S.LABEL])
         return cls(a[S.IMAGE].astype(np.float32), a[S.TEXT].astype(np.float32), a[S.LABEL])
+
+
+@dataclass
+class EvalProtocol:
+    """What "validation MAP" and "test MAP" mean for a dataset.
+
+    Single-label: the split against itself (valid, test). Multi-label: queries against the
+    database; validation queries come from the ``valid`` split when the data has one, otherwise
+    from ``query`` (then model selection sees the test queries; a warning says so).
+    """
+
+    query: EvalSplit
+    database: EvalSplit | None  # None: set-vs-itself
+    top_k: int | None = None
+
+    @classmethod
+    def load(cls, ds: DatasetVersion, stage: str, top_k: int = 0) -> EvalProtocol:
+        if ds.label_kind == S.SINGLE:
+            return cls(EvalSplit.load(ds, stage), None, top_k or None)
+        name = "query"
+        if stage == "valid" and "valid" in ds.splits:
+            name = "valid"
+        elif stage == "valid":
+            log.warning("%s has no validation split: model selection uses the query split", ds.uri)
+        return cls(EvalSplit.load(ds, name), EvalSplit.load(ds, "database"), top_k or None)
+
+    def evaluate(self, encode_fn: Callable[[np.ndarray, str], np.ndarray]) -> dict[str, float]:
+        """MAP (I2T, T2I, mean; MAP@k keys with ``top_k``) with ``encode_fn(x, modality)``."""
+        from pipeline import evaluate as E
+
+        q = self.query
+        qi, qt = encode_fn(q.image, "image"), encode_fn(q.text, "text")
+        if self.database is None:
+            out = E.cross_modal_map(qi, qt, q.label)
+            if self.top_k:
+                k = min(self.top_k, q.label.shape[0])
+                i2t = E.mean_average_precision(qi, qt, q.label, q.label, top_k=k)
+                t2i = E.mean_average_precision(qt, qi, q.label, q.label, top_k=k)
+                out.update({"i2t_at_k": i2t, "t2i_at_k": t2i, "mean_at_k": (i2t + t2i) / 2})
+            return out
+        d = self.database
+        di, dt = encode_fn(d.image, "image"), encode_fn(d.text, "text")
+        return E.query_database_map((qi, qt, q.label), (di, dt, d.label), top_k=self.top_k)
+
+    def pr_curves(self, encode_fn: Callable[[np.ndarray, str], np.ndarray]) -> dict[str, Any]:
+        from pipeline import evaluate as E
+
+        q = self.query
+        qi, qt = encode_fn(q.image, "image"), encode_fn(q.text, "text")
+        if self.database is None:
+            return E.cross_modal_pr_curves(qi, qt, q.label)
+        d = self.database
+        di, dt = encode_fn(d.image, "image"), encode_fn(d.text, "text")
+        return {
+            "i2t": E.precision_recall_curve(qi, dt, q.label, d.label),
+            "t2i": E.precision_recall_curve(qt, di, q.label, d.label),
+        }
 
 
 def feature_normalisation(ds: DatasetVersion) -> dict[str, list[list[float]]]:

@@ -677,6 +677,31 @@ def cross_modal_map(
     return {"i2t": i2t, "t2i": t2i, "mean": (i2t + t2i) / 2}
 
 
+def query_database_map(
+    query: tuple[Any, Any, Any],
+    database: tuple[Any, Any, Any],
+    *,
+    ties: Ties = "index",
+    top_k: int | None = None,
+) -> dict[str, float]:
+    """Query-vs-database cross-modal protocol (multi-label benchmarks).
+
+    ``query`` and ``database`` are (image codes, text codes, labels); I2T ranks database texts
+    for query images, T2I database images for query texts. ``top_k`` adds MAP@k keys.
+    """
+    (qi, qt, ql), (di, dt, dl) = query, database
+    out: dict[str, float] = {}
+    i2t = mean_average_precision(qi, dt, ql, dl, ties=ties)
+    t2i = mean_average_precision(qt, di, ql, dl, ties=ties)
+    out.update({"i2t": i2t, "t2i": t2i, "mean": (i2t + t2i) / 2})
+    if top_k:
+        k = min(top_k, len(_as_numpy(dl)))
+        i2t_k = mean_average_precision(qi, dt, ql, dl, ties=ties, top_k=k)
+        t2i_k = mean_average_precision(qt, di, ql, dl, ties=ties, top_k=k)
+        out.update({"i2t_at_k": i2t_k, "t2i_at_k": t2i_k, "mean_at_k": (i2t_k + t2i_k) / 2})
+    return out
+
+
 def cross_modal_pr_curves(image_codes: Any, text_codes: Any, labels: Any) -> dict[str, Any]:
     """Set-vs-itself PR curves by Hamming radius: ``{"i2t": ..., "t2i": ...}``."""
     return {

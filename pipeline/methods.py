@@ -20,6 +20,7 @@ DESCRIPTIONS = {
     "RSHNL-D": "γ = 1.5·ℓmax(r) (Eq 14): every pair keeps a positive weight",
     "plain": "cross-entropy center classification + CHL, no noise handling",
     "small-loss": "cross-entropy, keep the (1 − noise rate) smallest-loss pairs of each batch",
+    "SCBCH": "the multi-label method: CSCC reliability-weighted classification + BSCH",
 }
 
 
@@ -34,6 +35,7 @@ def method_overrides(name: str, cfg: TrainConfig) -> dict[str, Any]:
         "RSHNL-D": {"gamma": 1.5 * ell_max(cfg.r, NUM_MODALITIES)},
         "plain": {"loss_form": "ce", "weighting": "none"},
         "small-loss": {"loss_form": "ce", "weighting": "small_loss"},
+        "SCBCH": {"method": "scbch"},
     }
     if name not in table:
         raise ConfigError(f"unknown method '{name}'; known: {', '.join(table)}")

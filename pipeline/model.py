@@ -25,12 +25,14 @@ class HashHead(nn.Module):
     The normalisation follows the authors' implementation; the paper only says tanh.
     """
 
-    def __init__(self, d_in: int, bits: int, hidden: int = 4096) -> None:
+    def __init__(self, d_in: int, bits: int, hidden: int = 4096, normalize: bool = True) -> None:
         super().__init__()
         self.net = _mlp(d_in, hidden, bits)
+        self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(torch.tanh(self.net(x)), dim=1)
+        u = torch.tanh(self.net(x))
+        return F.normalize(u, dim=1) if self.normalize else u
 
 
 class CenterNet(nn.Module):
@@ -90,7 +92,11 @@ class FixedCenters(nn.Module):
 
 
 class RSHNLModel(nn.Module):
-    """Both hash heads, the center network and the train-split feature normalisation."""
+    """Both hash heads, the center network and the train-split feature normalisation.
+
+    ``method="scbch"``: un-normalised tanh codes, fixed (unused) centers and a linear multi-label
+    classifier per modality on the codes; ``forward`` then also returns the two classifier logits.
+    """
 
     def __init__(
         self,
@@ -100,12 +106,19 @@ class RSHNLModel(nn.Module):
         bits: int,
         hidden: int = 4096,
         center_mode: str = "learned",
+        method: str = "rshnl",
     ) -> None:
         super().__init__()
         if center_mode not in CENTER_MODES:
             raise ValueError(f"center_mode must be one of {CENTER_MODES}, got {center_mode!r}")
-        self.image_head = HashHead(image_dim, bits, hidden)
-        self.text_head = HashHead(text_dim, bits, hidden)
+        self.method = method
+        scbch = method == "scbch"
+        if scbch:
+            center_mode = "random"  # no center network to train; the buffer stays unused
+            self.image_cls = nn.Linear(bits, num_classes)
+            self.text_cls = nn.Linear(bits, num_classes)
+        self.image_head = HashHead(image_dim, bits, hidden, normalize=not scbch)
+        self.text_head = HashHead(text_dim, bits, hidden, normalize=not scbch)
         self.center_net: nn.Module = (
             CenterNet(num_classes, bits, hidden)
             if center_mode == "learned"
@@ -127,10 +140,12 @@ class RSHNLModel(nn.Module):
         head = self.image_head if modality == "image" else self.text_head
         return head(x)
 
-    def forward(
-        self, image: torch.Tensor, text: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode(image, "image"), self.encode(text, "text"), self.center_net()
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(h_image, h_text, centers), and for SCBCH also (image logits, text logits)."""
+        h_img, h_txt = self.encode(image, "image"), self.encode(text, "text")
+        if self.method == "scbch":
+            return h_img, h_txt, self.center_net(), self.image_cls(h_img), self.text_cls(h_txt)
+        return h_img, h_txt, self.center_net()
 
 
 def sign_codes(h: torch.Tensor) -> torch.Tensor:

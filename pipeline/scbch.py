@@ -76,11 +76,19 @@ def soft_contrastive(
 def pair_separation(
     u_img: torch.Tensor, u_txt: torch.Tensor, labels: torch.Tensor, *, shift: float, tau: float
 ) -> torch.Tensor:
-    """mean_ij T_ij·softplus(−z_ij) + (1 − T_ij)·softplus(z_ij), z = (S − shift)/tau."""
+    """Soft-label BCE around the shift: ℓ = T·softplus(−z) + (1 − T)·softplus(z), z = (S − shift)/τ.
+
+    Label-sharing pairs (T > 0) and disjoint pairs (T = 0) are averaged separately and the two
+    means weighted equally: with many labels most pairs are disjoint, and a plain mean over all
+    pairs drives every cross-modal similarity negative.
+    """
     S = cosine_matrix(u_img, u_txt)
     T = jaccard(labels, labels).to(S.dtype)
     z = (S - shift) / tau
-    return (T * F.softplus(-z) + (1.0 - T) * F.softplus(z)).mean()
+    ell = T * F.softplus(-z) + (1.0 - T) * F.softplus(z)
+    pos = T > 0
+    parts = [ell[m].mean() for m in (pos, ~pos) if bool(m.any())]
+    return sum(parts) / len(parts)
 
 
 def bsch_loss(
@@ -148,7 +156,8 @@ def reliability_weights(
     """CSCC reliability w_i = g + (1 − g)·cos(ŷ_i, y_i) over a whole training set, float32 (N,).
 
     sim_ij = ½(cos(img_i, txt_j) + cos(txt_i, img_j)), j ≠ i; kNN(i) are the k largest sim_ij
-    (k clipped to N − 1; ties broken by smaller j); ŷ_i = Σ_{j ∈ kNN(i)} max(sim_ij, 0)·y_j;
+    (k clipped to N − 1; ties broken by smaller j); ŷ_i = Σ_{j ∈ kNN(i)} ½(1 + sim_ij)·y_j
+    (cosine mapped to [0, 1], so neighbours count even when all similarities are negative);
     cos(ŷ_i, y_i) is 0 when either vector is all zero. Rows are processed ``chunk`` at a time.
     """
     img = F.normalize(codes_img.float(), dim=1, eps=1e-12)
@@ -167,7 +176,7 @@ def reliability_weights(
             sim = 0.5 * (img[start:stop] @ txt.T + txt[start:stop] @ img.T)
             sim[rows - start, rows] = float("-inf")
             mask = _knn_mask(sim, k)
-            y_hat = sim.clamp_(min=0.0).masked_fill_(~mask, 0.0) @ y
+            y_hat = sim.add_(1.0).mul_(0.5).masked_fill_(~mask, 0.0) @ y
         dot = (y_hat * y[start:stop]).sum(dim=1)
         denom = y_hat.norm(dim=1) * y_norm[start:stop]
         c = torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.zeros_like(dot))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.losses import LossTerms, rshnl_objective
 from pipeline.model import RSHNLModel
+from pipeline.scbch import reliability_weights, scbch_objective
 
 
 def seed_everything(seed: int) -> None:
@@ -81,6 +82,7 @@ def compute_loss(
     cfg: TrainConfig,
     epoch: int,
     global_negatives: bool,
+    weights: torch.Tensor | None = None,
 ) -> LossTerms:
     """Forward pass and the objective of Eq 9 for one local batch.
 
@@ -90,8 +92,10 @@ def compute_loss(
     """
     amp = torch.autocast(image.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     with amp:
-        h_img, h_txt, centers = model(image, text)
-    h_img, h_txt, centers = h_img.float(), h_txt.float(), centers.float()
+        out = model(image, text)
+    if cfg.method == "scbch":
+        return _scbch_loss(out, label, cfg, epoch, weights)
+    h_img, h_txt, centers = (t.float() for t in out)
     all_codes, offset = None, 0
     if global_negatives and is_distributed():
         all_img, offset = gather_with_grad(h_img)
@@ -117,6 +121,88 @@ def compute_loss(
     )
 
 
+def _scbch_loss(
+    out: tuple[torch.Tensor, ...],
+    label: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    weights: torch.Tensor | None,
+) -> LossTerms:
+    """SCBCH's objective, reported in the RSHNL terms' slots (chl: BSCH, center: weighted BCE).
+
+    Its contrastive term uses the local batch only (no cross-worker negatives).
+    """
+    u_img, u_txt, _, lg_img, lg_txt = (t.float() for t in out)
+    warm = epoch < cfg.warmup_epochs or weights is None
+    w = torch.ones(label.shape[0], device=label.device) if warm else weights
+    t = scbch_objective(
+        u_img,
+        u_txt,
+        lg_img,
+        lg_txt,
+        label,
+        None if warm else w,
+        alpha=cfg.scbch_alpha,
+        beta=cfg.scbch_beta,
+        margin=cfg.scbch_margin,
+        shift=cfg.scbch_shift,
+        tau=cfg.scbch_tau,
+        separation_weight=cfg.scbch_separation,
+    )
+    return LossTerms(
+        total=t.total,
+        chl=t.contrastive,
+        center=t.classification,
+        ell=t.per_item,
+        weights=w.detach(),
+        warmup=warm,
+    )
+
+
+@torch.no_grad()
+def train_set_reliability(
+    model: RSHNLModel,
+    image: np.ndarray,
+    text: np.ndarray,
+    label: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """SCBCH reliability weights of every training pair (rows in the arrays' order).
+
+    The neighbour search must see the whole training set, not one worker's shard: each rank
+    encodes rows ``rank::world`` and the codes are all-gathered, so every rank computes the same
+    weights from the same full code matrix (no weight exchange needed).
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    n = image.shape[0]
+    rows = np.arange(rank, n, world)
+    parts: list[list[np.ndarray]] = [[], []]
+    bs = cfg.eval_batch_size
+    for s in range(0, rows.size, bs):
+        r = rows[s : s + bs]
+        for j, (x, m) in enumerate(((image, "image"), (text, "text"))):
+            xb = torch.as_tensor(np.asarray(x[r], dtype=np.float32), device=device)
+            parts[j].append(model.encode(xb, m).float().cpu().numpy())
+    bits = cfg.bits
+    mine = [np.concatenate(p) if p else np.zeros((0, bits), np.float32) for p in parts]
+    codes = [np.zeros((n, bits), np.float32), np.zeros((n, bits), np.float32)]
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (rows, mine[0], mine[1]))
+        for r, ci, ct in gathered:
+            codes[0][r], codes[1][r] = ci, ct
+    else:
+        codes = mine
+    return reliability_weights(
+        torch.from_numpy(codes[0]),
+        torch.from_numpy(codes[1]),
+        torch.as_tensor(np.asarray(label, dtype=np.float32)),
+        k=cfg.scbch_k,
+        g=cfg.scbch_g,
+    )
+
+
 def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> RSHNLModel:
     return RSHNLModel(**arch_of(cfg, dims, num_classes))
 
@@ -129,4 +215,5 @@ def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[st
         "bits": cfg.bits,
         "hidden": cfg.hidden_dim,
         "center_mode": cfg.centers,
+        "method": cfg.method,
     }

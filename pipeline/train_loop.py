@@ -21,7 +21,7 @@ import torch.distributed as dist
 from feature_store.store import open_dataset
 from pipeline import evaluate
 from pipeline.config import TrainConfig
-from pipeline.data import EvalSplit, local_shuffle_seed, noise_flags
+from pipeline.data import EvalProtocol, local_shuffle_seed, noise_flags
 from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.serving import WEIGHTS, encode, save_model_file
 from pipeline.step import (
@@ -32,6 +32,7 @@ from pipeline.step import (
     compute_loss,
     is_distributed,
     seed_everything,
+    train_set_reliability,
 )
 
 log = logging.getLogger("pipeline.train")
@@ -57,13 +58,18 @@ def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
     return valid_map_mean + epoch * 1e-12
 
 
-def evaluate_split(model: RSHNLModel, split: EvalSplit, batch_size: int) -> dict[str, float]:
+def evaluate_split(model: RSHNLModel, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    img = encode(model, split.image, "image", batch_size)
-    txt = encode(model, split.text, "text", batch_size)
-    model.train(was_training)
-    return evaluate.cross_modal_map(img, txt, split.label)
+    try:
+        return protocol.evaluate(lambda x, m: encode(model, x, m, batch_size))
+    finally:
+        model.train(was_training)
+
+
+def detection_threshold(cfg: TrainConfig) -> float:
+    """Weights at or below this flag a pair as noisy: 0 for SPL; cos ≤ ½ for SCBCH's weights."""
+    return cfg.scbch_g + (1.0 - cfg.scbch_g) * 0.5 if cfg.method == "scbch" else 0.0
 
 
 class _Timer:
@@ -117,7 +123,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     core: RSHNLModel = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     start_epoch, best_map, best_epoch, best_score = 0, -1.0, -1, -1.0
     history = _empty_history()
@@ -157,12 +163,19 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     valid = flags = epoch_logger = None
     if rank == 0:
-        valid = EvalSplit.load(ds, "valid")
+        valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
         flags = noise_flags(ds)  # measurement only: joined with SPL weights, never in the loss
         if loop_config.get("run_id"):
             from pipeline.tracking import EpochLogger
 
             epoch_logger = EpochLogger(loop_config["tracking_uri"], loop_config["run_id"])
+
+    train_rows = None
+    if cfg.method == "scbch":  # the reliability weights need the whole training set
+        train_rows = ds.read_arrays("train", ["item_id", "image", "text", "label"])
+        id_order = np.argsort(train_rows["item_id"])
+        sorted_ids = torch.as_tensor(train_rows["item_id"][id_order])
+    pair_weights = None
 
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
@@ -172,6 +185,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
         t_epoch = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # total, chl, center, n
         ids_l, w_l = [], []
+        if train_rows is not None and epoch >= cfg.warmup_epochs:
+            t0 = time.perf_counter()
+            w_rows = train_set_reliability(
+                core, train_rows["image"], train_rows["text"], train_rows["label"], cfg, device
+            )
+            pair_weights = w_rows[torch.as_tensor(id_order)]  # indexed like sorted_ids
+            timer.add("reliability", time.perf_counter() - t0)
         batches = iter(
             shard.iter_torch_batches(
                 batch_size=local_bs,
@@ -188,8 +208,19 @@ def train_func(loop_config: dict[str, Any]) -> None:
             if batch is None:
                 break
             t0 = time.perf_counter()
+            batch_w = None
+            if pair_weights is not None:
+                pos = torch.searchsorted(sorted_ids, batch["item_id"].cpu())
+                batch_w = pair_weights[pos].to(device)
             terms = compute_loss(
-                model, batch["image"], batch["text"], batch["label"], cfg, epoch, global_negatives
+                model,
+                batch["image"],
+                batch["text"],
+                batch["label"],
+                cfg,
+                epoch,
+                global_negatives,
+                batch_w,
             )
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()  # DDP all-reduces gradients here
@@ -231,7 +262,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             item_ids, is_noisy = flags
             order = np.argsort(item_ids)
             noisy_of_batch = is_noisy[order][np.searchsorted(item_ids[order], ids)]
-            det = evaluate.noise_detection(weights, noisy_of_batch)
+            det = evaluate.noise_detection(weights - detection_threshold(cfg), noisy_of_batch)
             timer.add("eval", time.perf_counter() - t0)
             score = checkpoint_score(vmap["mean"], epoch + 1)
             if score > best_score:
@@ -245,6 +276,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "valid_map_i2t": vmap["i2t"],
                     "valid_map_t2i": vmap["t2i"],
                     "valid_map_mean": vmap["mean"],
+                    **{f"valid_map_{k}": v for k, v in vmap.items() if k.endswith("_at_k")},
                     SCORE: score,
                     "best_valid_map_mean": best_map,
                     "best_epoch": best_epoch,

@@ -16,10 +16,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from feature_store.store import open_dataset
-from pipeline import evaluate, tracking
+from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import EvalSplit, feature_normalisation, training_dataset
+from pipeline.data import EvalProtocol, feature_normalisation, training_dataset
 from pipeline.serving import WEIGHTS, encode, load_model_file
 from pipeline.train_loop import SCORE, train_func
 
@@ -284,12 +286,17 @@ def _fit(
         shutil.copy(Path(d) / WEIGHTS, keep)
     t_test = time.perf_counter()
     model, _ = load_model_file(keep)
-    test = EvalSplit.load(ds, "test")
-    img = encode(model, test.image, "image", cfg.eval_batch_size)
-    txt = encode(model, test.text, "text", cfg.eval_batch_size)
-    test_map = evaluate.cross_modal_map(img, txt, test.label)
+    test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
+    cache: dict[int, np.ndarray] = {}
+
+    def enc(x: np.ndarray, m: str) -> np.ndarray:
+        if id(x) not in cache:  # PR curves reuse the codes of the MAP pass
+            cache[id(x)] = encode(model, x, m, cfg.eval_batch_size)
+        return cache[id(x)]
+
+    test_map = test.evaluate(enc)
     test_eval_seconds = time.perf_counter() - t_test
-    pr_curves = evaluate.cross_modal_pr_curves(img, txt, test.label)
+    pr_curves = test.pr_curves(enc)
     import ray
 
     attempts, timings = ray.get(monitor.get.remote())

@@ -379,7 +379,7 @@ def _register_best(
     """Test MAP of the best trial's best checkpoint; log its model in its run and register it."""
     import pyarrow.fs as pafs
 
-    from pipeline.data import EvalSplit
+    from pipeline.data import EvalProtocol
     from pipeline.serving import WEIGHTS, load_model_file
     from pipeline.train_loop import evaluate_split
 
@@ -393,7 +393,9 @@ def _register_best(
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
         model, _ = load_model_file(local)
-        test_map = evaluate_split(model, EvalSplit.load(ds, "test"), base.eval_batch_size)
+        test_map = evaluate_split(
+            model, EvalProtocol.load(ds, "test", base.eval_top_k), base.eval_batch_size
+        )
         cfg = base.replace(**{k: best["config"][k] for k in TUNED})
         registered = tracking.finish_run(
             tracking_uri,

@@ -105,6 +105,7 @@ def test_method_overrides():
     plain = apply_method("plain", base)
     assert (plain.loss_form, plain.weighting) == ("ce", "none")
     assert apply_method("small-loss", base).weighting == "small_loss"
-    assert len(METHODS) == 8
+    assert apply_method("SCBCH", base).method == "scbch"
+    assert len(METHODS) == 9
     with pytest.raises(ConfigError, match="unknown method 'RSHNL-9'"):
         apply_method("RSHNL-9", base)
