@@ -55,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_sweep(args: argparse.Namespace) -> Any:
-    from pipeline.tune import DEFAULT_SPACE, SweepConfig
+    from pipeline.tune import SweepConfig, default_space
 
     data = read_yaml(args.config) if args.config else {}
-    space = dict(DEFAULT_SPACE)
+    space = default_space(str(data.get("method", "rshnl")))
     space.update(data.pop("search_space", None) or {})
     sweep_data = data.pop("sweep", None) or {}
     known = {f.name for f in fields(SweepConfig)} - {"base", "space"}

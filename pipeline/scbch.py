@@ -44,33 +44,39 @@ def cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1, eps=1e-12) @ F.normalize(y, dim=1, eps=1e-12).T
 
 
-def _soft_ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-    """mean over rows with Σ_j T_ij > 0 of −Σ_j t_ij log_softmax(logits)_ij, t = T / Σ_j T_ij."""
-    row_sum = targets.sum(dim=1, keepdim=True)
-    keep = row_sum.squeeze(1) > 0
-    if not bool(keep.any()):
-        return None
-    t = targets[keep] / row_sum[keep]
-    return -(t * F.log_softmax(logits[keep], dim=1)).sum(dim=1).mean()
+def soft_targets(T: torch.Tensor, label_share: float) -> torch.Tensor:
+    """t_i = (1 − λ)·e_i + λ·T_i / Σ_j T_ij: the item's own pair plus its label overlaps.
+
+    Rows without any overlap (no labels) put all their mass on the own pair.
+    """
+    eye = torch.eye(T.shape[0], T.shape[1], dtype=T.dtype, device=T.device)
+    row_sum = T.sum(dim=1, keepdim=True)
+    share = torch.where(row_sum > 0, T / row_sum.clamp_min(1e-12), eye)
+    return (1.0 - label_share) * eye + label_share * share
 
 
 def soft_contrastive(
-    u_img: torch.Tensor, u_txt: torch.Tensor, labels: torch.Tensor, *, margin: float, tau: float
+    u_img: torch.Tensor,
+    u_txt: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    tau: float,
+    label_share: float = 0.5,
 ) -> torch.Tensor:
     """½(L_i2t + L_t2i) with logits (S − margin·T)/tau, S = cos(u_img, u_txt), T = Jaccard(y, y).
 
-    L_i2t = mean_i −Σ_j t_ij log softmax_j(logits)_ij with t_ij = T_ij / Σ_j T_ij; L_t2i is the
-    same with text anchors (S.T, T.T). Rows whose targets are all zero are skipped.
+    L_i2t = mean_i −Σ_j t_ij log softmax_j(logits)_ij with t = ``soft_targets(T, λ)``; L_t2i is
+    the same with text anchors (S.T, T.T). With only the Jaccard share (λ = 1) the targets are
+    so diffuse under many labels that a uniform prediction is nearly optimal and codes collapse;
+    the own pair is label-noise free, so it carries the other half of the mass.
     """
     S = cosine_matrix(u_img, u_txt)
     T = jaccard(labels, labels).to(S.dtype)
-    parts = [
-        _soft_ce_rows((S - margin * T) / tau, T),
-        _soft_ce_rows((S.T - margin * T.T) / tau, T.T),
-    ]
-    if parts[0] is None or parts[1] is None:
-        return S.sum() * 0.0
-    return 0.5 * (parts[0] + parts[1])
+    t_img, t_txt = soft_targets(T, label_share), soft_targets(T.T, label_share)
+    l_i2t = -(t_img * F.log_softmax((S - margin * T) / tau, dim=1)).sum(dim=1).mean()
+    l_t2i = -(t_txt * F.log_softmax((S.T - margin * T.T) / tau, dim=1)).sum(dim=1).mean()
+    return 0.5 * (l_i2t + l_t2i)
 
 
 def pair_separation(

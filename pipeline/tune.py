@@ -9,6 +9,7 @@ so every trial satisfies 0 < γ < ℓmax.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,7 +27,6 @@ from pipeline.losses import ell_max
 log = logging.getLogger(__name__)
 
 METRIC = "valid_map_mean"
-TUNED = ("gamma", "alpha", "r", "warmup_epochs")
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "r": {"type": "loguniform", "low": 1e-3, "high": 1.0},
@@ -34,7 +34,27 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "alpha": {"type": "loguniform", "low": 1e-2, "high": 1.0},
     "warmup_epochs": {"type": "randint", "low": 0, "high": 20},
 }
-_SPACE_KEYS = {"r", "gamma_fraction", "alpha", "warmup_epochs"}
+SCBCH_SPACE: dict[str, dict[str, Any]] = {
+    "scbch_alpha": {"type": "loguniform", "low": 0.1, "high": 3.0},
+    "scbch_beta": {"type": "loguniform", "low": 0.01, "high": 1.0},
+    "scbch_k": {"type": "randint", "low": 5, "high": 50},
+    "scbch_g": {"type": "uniform", "low": 0.0, "high": 1.0},
+    "warmup_epochs": {"type": "randint", "low": 0, "high": 10},
+}
+# Any TrainConfig value that shapes the model or the objective can be searched; these cannot.
+_NOT_TUNABLE = {
+    "dataset", "method", "run_name", "resume", "storage_path", "tracking_uri", "tags",
+    "experiment_name", "registered_model_name", "register_model", "workers", "cpus_per_worker",
+    "use_gpu", "placement_strategy", "max_failures", "eval_batch_size", "epochs",
+}  # fmt: skip
+_SPACE_KEYS = {"gamma_fraction"} | {
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_TUNABLE
+}
+
+
+def default_space(method: str) -> dict[str, dict[str, Any]]:
+    """The search space of the paper's sensitivity study (RSHNL) or of SCBCH's weights."""
+    return dict(SCBCH_SPACE if method == "scbch" else DEFAULT_SPACE)
 
 
 @dataclass
@@ -69,7 +89,8 @@ class SweepConfig:
         unknown = set(self.space) - _SPACE_KEYS
         if unknown:
             raise ConfigError(
-                f"search space: unknown key(s) {sorted(unknown)}; known {_SPACE_KEYS}"
+                f"search space: unknown or untunable key(s) {sorted(unknown)}; "
+                f"tunable: {sorted(_SPACE_KEYS)}"
             )
         for k, spec in self.space.items():
             if spec.get("type") not in ("uniform", "loguniform", "randint", "choice", "fixed"):
@@ -88,9 +109,9 @@ class SweepConfig:
         return self
 
     @classmethod
-    def load_space(cls, path: str | None) -> dict[str, dict[str, Any]]:
+    def load_space(cls, path: str | None, method: str = "rshnl") -> dict[str, dict[str, Any]]:
         """Defaults, updated key by key from a YAML file's ``search_space`` mapping."""
-        space = dict(DEFAULT_SPACE)
+        space = default_space(method)
         if path:
             data = yaml.safe_load(Path(path).read_text()) or {}
             space.update(data.get("search_space", {}))
@@ -127,15 +148,20 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """Map sampled parameters to a training config: γ = gamma_fraction × ℓmax(r) (Eq 14)."""
-    r = float(params.get("r", base.r))
-    gamma = float(params["gamma_fraction"]) * ell_max(r, NUM_MODALITIES)
-    return base.replace(
-        r=r,
-        gamma=gamma,
-        alpha=float(params.get("alpha", base.alpha)),
-        warmup_epochs=int(params.get("warmup_epochs", base.warmup_epochs)),
-    )
+    """Map sampled parameters to a training config: γ = gamma_fraction × ℓmax(r) (Eq 14).
+
+    Every other sampled key is the TrainConfig value of the same name.
+    """
+    changes: dict[str, Any] = {}
+    for key, value in params.items():
+        if key.startswith("_") or key == "gamma_fraction":
+            continue
+        default = getattr(base, key)
+        changes[key] = type(default)(value) if isinstance(default, int | float) else value
+    cfg = base.replace(**changes)
+    if "gamma_fraction" in params:
+        cfg = cfg.replace(gamma=float(params["gamma_fraction"]) * ell_max(cfg.r, NUM_MODALITIES))
+    return cfg
 
 
 def _trainable(params: dict[str, Any]) -> None:
@@ -335,7 +361,7 @@ def _collect(grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
     trials = []
     for res in grid:
         params = {k: v for k, v in (res.config or {}).items() if not k.startswith("_")}
-        cfg = trial_config(base, params) if "gamma_fraction" in params else base
+        cfg = trial_config(base, params)
         df = res.metrics_dataframe
         best_map = best_ckpt = run_id = None
         epochs = 0
@@ -355,6 +381,7 @@ def _collect(grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
             {
                 "trial_id": (res.metrics or {}).get("trial_id") or os.path.basename(str(res.path)),
                 "config": {
+                    **{k: getattr(cfg, k) for k in params if k != "gamma_fraction"},
                     "gamma": cfg.gamma,
                     "alpha": cfg.alpha,
                     "r": cfg.r,
@@ -396,7 +423,8 @@ def _register_best(
         test_map = evaluate_split(
             model, EvalProtocol.load(ds, "test", base.eval_top_k), base.eval_batch_size
         )
-        cfg = base.replace(**{k: best["config"][k] for k in TUNED})
+        tuned = [k for k in best["config"] if k != "gamma_fraction"]
+        cfg = base.replace(**{k: best["config"][k] for k in tuned})
         registered = tracking.finish_run(
             tracking_uri,
             best["mlflow_run_id"],

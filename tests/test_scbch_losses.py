@@ -30,17 +30,46 @@ def _softplus(x: float) -> float:
     return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
 
 
-def _soft_ce_loop(sim: list[list[float]], tgt: list[list[float]], margin, tau) -> float | None:
+def _soft_targets_loop(tgt: list[list[float]], lam: float) -> list[list[float]]:
+    out = []
+    for i, row in enumerate(tgt):
+        total = sum(row)
+        share = [
+            (row[j] / total) if total > 0 else (1.0 if j == i else 0.0) for j in range(len(row))
+        ]
+        eye = [1.0 if j == i else 0.0 for j in range(len(row))]
+        out.append([(1.0 - lam) * eye[j] + lam * share[j] for j in range(len(row))])
+    return out
+
+
+def _soft_ce_loop(sim, jac, tgt, margin, tau) -> float:
+    """mean over ALL rows i of −Σ_j tgt_ij · log_softmax_j((sim − margin·jac)/tau)."""
     losses = []
     for i in range(len(sim)):
-        total = sum(tgt[i])
-        if total == 0:
-            continue
-        logits = [(sim[i][j] - margin * tgt[i][j]) / tau for j in range(len(sim[i]))]
+        logits = [(sim[i][j] - margin * jac[i][j]) / tau for j in range(len(sim[i]))]
         mx = max(logits)
         lse = mx + math.log(sum(math.exp(v - mx) for v in logits))
-        losses.append(-sum(tgt[i][j] / total * (logits[j] - lse) for j in range(len(logits))))
-    return sum(losses) / len(losses) if losses else None
+        losses.append(-sum(tgt[i][j] * (logits[j] - lse) for j in range(len(logits))))
+    return sum(losses) / len(losses)
+
+
+def _contrastive_ref(sim, jac, margin, tau, lam) -> float:
+    t = _soft_targets_loop(jac, lam)
+    i2t = _soft_ce_loop(sim, jac, t, margin, tau)
+    t_txt = _soft_targets_loop(_transpose(jac), lam)  # text anchors' own target rows
+    t2i = _soft_ce_loop(_transpose(sim), _transpose(jac), t_txt, margin, tau)
+    return 0.5 * (i2t + t2i)
+
+
+def _separation_ref(sim, jac, shift, tau) -> float:
+    pos, neg = [], []
+    for i in range(len(sim)):
+        for j in range(len(sim[i])):
+            z = (sim[i][j] - shift) / tau
+            ell = jac[i][j] * _softplus(-z) + (1.0 - jac[i][j]) * _softplus(z)
+            (pos if jac[i][j] > 0 else neg).append(ell)
+    means = [sum(g) / len(g) for g in (pos, neg) if g]
+    return sum(means) / len(means)
 
 
 def _pairs(u_img, u_txt, labels):
@@ -70,7 +99,7 @@ def _reliability_loop(img, txt, y, k, g) -> list[float]:
         y_hat = [0.0] * len(y[i])
         for _, j, s in cand[:k]:
             for c in range(len(y_hat)):
-                y_hat[c] += max(s, 0.0) * y[j][c]
+                y_hat[c] += 0.5 * (1.0 + s) * y[j][c]
         out.append(g + (1.0 - g) * _cos(y_hat, y[i]))
     return out
 
@@ -117,67 +146,135 @@ def test_cosine_matrix_hand():
 # ---------- BSCH ----------
 
 
-def test_soft_contrastive_matches_loop():
-    u_img, u_txt = _example(seed=1)
-    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+def test_soft_targets_hand():
+    # T = Jaccard of [[1,1,0],[0,1,1],[0,0,0]]: row sums 4/3, 4/3 and 0 (unlabelled row 2).
+    T = torch.tensor([[1.0, 1 / 3, 0.0], [1 / 3, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    half = S.soft_targets(T, 0.5)
+    # row 0: ½·e_0 + ½·[3/4, 1/4, 0] = [7/8, 1/8, 0]; row 2 (no overlap) → e_2
+    expected = [[7 / 8, 1 / 8, 0.0], [1 / 8, 7 / 8, 0.0], [0.0, 0.0, 1.0]]
+    assert torch.allclose(half, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    # λ = 0: the own pair only
+    assert torch.equal(S.soft_targets(T, 0.0), torch.eye(3, dtype=torch.float64))
+    # λ = 1: the pure Jaccard share; the unlabelled row still puts all its mass on itself
+    pure = [[3 / 4, 1 / 4, 0.0], [1 / 4, 3 / 4, 0.0], [0.0, 0.0, 1.0]]
+    assert torch.allclose(S.soft_targets(T, 1.0), torch.tensor(pure, dtype=torch.float64))
+    # every row is a distribution
+    for lam in (0.0, 0.3, 0.5, 1.0):
+        rows = S.soft_targets(T, lam).sum(dim=1)
+        assert torch.allclose(rows, torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
+def test_soft_targets_matches_loop(lam):
+    gen = torch.Generator().manual_seed(31)
+    T = torch.rand(5, 5, generator=gen, dtype=torch.float64)
+    T[2] = 0.0  # a row without overlap
+    T[4, 1] = 0.0
+    got = S.soft_targets(T, lam)
+    ref = _soft_targets_loop(T.tolist(), lam)
+    assert got.shape == (5, 5)
+    for i in range(5):
+        assert got[i].tolist() == pytest.approx(ref[i], rel=1e-12, abs=1e-15)
+    assert got[2].tolist() == pytest.approx([0.0, 0.0, 1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]],
+    ],
+    ids=["all-labelled", "one-unlabelled"],
+)
+def test_soft_contrastive_matches_loop(lam, labels):
+    y = torch.tensor(labels, dtype=torch.float64)
+    u_img, u_txt = _example(seed=1, b=y.shape[0])
     margin, tau = 0.2, 0.3
-    sim, tgt = _pairs(u_img, u_txt, labels)
-    ref = 0.5 * (
-        _soft_ce_loop(sim, tgt, margin, tau)
-        + _soft_ce_loop(_transpose(sim), _transpose(tgt), margin, tau)
-    )
-    got = S.soft_contrastive(u_img, u_txt, labels, margin=margin, tau=tau)
+    sim, jac = _pairs(u_img, u_txt, y)
+    ref = _contrastive_ref(sim, jac, margin, tau, lam)
+    got = S.soft_contrastive(u_img, u_txt, y, margin=margin, tau=tau, label_share=lam)
+    assert torch.isfinite(got)
     assert got.item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_soft_contrastive_default_label_share_is_half():
+    u_img, u_txt = _example(seed=8)
+    y = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    default = S.soft_contrastive(u_img, u_txt, y, margin=0.2, tau=0.3)
+    half = S.soft_contrastive(u_img, u_txt, y, margin=0.2, tau=0.3, label_share=0.5)
+    pure = S.soft_contrastive(u_img, u_txt, y, margin=0.2, tau=0.3, label_share=1.0)
+    assert default.item() == pytest.approx(half.item(), rel=1e-12)
+    assert default.item() != pytest.approx(pure.item(), rel=1e-6)
+
+
+def test_soft_contrastive_unlabelled_row_is_not_skipped():
+    u_img, u_txt = _example(seed=3)
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    margin, tau, lam = 0.3, 0.4, 0.5
+    sim, jac = _pairs(u_img, u_txt, y)
+    got = S.soft_contrastive(u_img, u_txt, y, margin=margin, tau=tau, label_share=lam)
+    assert got.item() == pytest.approx(_contrastive_ref(sim, jac, margin, tau, lam), rel=1e-9)
+    # the old behaviour, averaging only rows 0 and 2, gives a different value
+    t = _soft_targets_loop(jac, lam)
+    keep = [0, 2]
+
+    def rows(m):
+        return [m[i] for i in keep]
+
+    simT, jacT = _transpose(sim), _transpose(jac)
+    tT = _soft_targets_loop(jacT, lam)
+    skipped = 0.5 * (
+        _soft_ce_loop(rows(sim), rows(jac), rows(t), margin, tau)
+        + _soft_ce_loop(rows(simT), rows(jacT), rows(tT), margin, tau)
+    )
+    assert got.item() != pytest.approx(skipped, rel=1e-6)
+
+
+def test_soft_contrastive_no_labels_is_plain_infonce():
+    # T = 0 → targets are the identity for any λ and the margin has no effect:
+    # ½(CE(S/τ, diag) + CE(S.T/τ, diag)).
+    u_img, u_txt = _example(seed=4)
+    u_img.requires_grad_(True)
+    y = torch.zeros(3, 2, dtype=torch.float64)
+    tau = 0.3
+    sim, _ = _pairs(u_img.detach(), u_txt, y)
+    ref = 0.0
+    for m in (sim, _transpose(sim)):
+        for i in range(3):
+            lse = math.log(sum(math.exp(m[i][j] / tau) for j in range(3)))
+            ref += 0.5 * (lse - m[i][i] / tau) / 3
+    for lam, margin in ((0.5, 0.2), (1.0, 0.7), (0.0, 0.0)):
+        got = S.soft_contrastive(u_img, u_txt, y, margin=margin, tau=tau, label_share=lam)
+        assert got.item() == pytest.approx(ref, rel=1e-9)
+    got.backward()
+    assert u_img.grad is not None and u_img.grad.abs().sum().item() > 0
 
 
 def test_soft_contrastive_is_bidirectional():
-    # Asymmetric S: swapping modalities transposes S, which must leave ½(L_i2t + L_t2i) unchanged
-    # but change a one-directional loss.
+    # Labels with equal Jaccard row sums give symmetric soft targets, so swapping the modalities
+    # (which transposes S) must leave ½(L_i2t + L_t2i) unchanged; a one-way loss changes.
     u_img, u_txt = _example(seed=2)
-    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
     a = S.soft_contrastive(u_img, u_txt, labels, margin=0.1, tau=0.5)
     b = S.soft_contrastive(u_txt, u_img, labels, margin=0.1, tau=0.5)
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
-    sim, tgt = _pairs(u_img, u_txt, labels)
-    one_way = _soft_ce_loop(sim, tgt, 0.1, 0.5)
-    other_way = _soft_ce_loop(_transpose(sim), _transpose(tgt), 0.1, 0.5)
+    sim, jac = _pairs(u_img, u_txt, labels)
+    t = _soft_targets_loop(jac, 0.5)
+    one_way = _soft_ce_loop(sim, jac, t, 0.1, 0.5)
+    t_txt = _soft_targets_loop(_transpose(jac), 0.5)
+    other_way = _soft_ce_loop(_transpose(sim), _transpose(jac), t_txt, 0.1, 0.5)
     assert one_way != pytest.approx(other_way, rel=1e-6)
-
-
-def test_soft_contrastive_skips_unlabelled_rows():
-    u_img, u_txt = _example(seed=3)
-    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
-    margin, tau = 0.3, 0.4
-    sim, tgt = _pairs(u_img, u_txt, labels)
-    # reference: row 1 has no target mass in either direction, so only rows 0 and 2 count
-    ref = 0.5 * (
-        _soft_ce_loop(sim, tgt, margin, tau)
-        + _soft_ce_loop(_transpose(sim), _transpose(tgt), margin, tau)
-    )
-    got = S.soft_contrastive(u_img, u_txt, labels, margin=margin, tau=tau)
-    assert torch.isfinite(got)
-    assert got.item() == pytest.approx(ref, rel=1e-9)
-    # averaging over all three rows (a zero loss for row 1) would give 2/3 of the value
-    assert got.item() != pytest.approx(ref * 2 / 3, rel=1e-3)
-
-
-def test_soft_contrastive_all_rows_skipped_is_zero_with_graph():
-    u_img, u_txt = _example(seed=4)
-    u_img.requires_grad_(True)
-    labels = torch.zeros(3, 2, dtype=torch.float64)
-    got = S.soft_contrastive(u_img, u_txt, labels, margin=0.2, tau=0.3)
-    assert got.item() == 0.0
-    assert got.requires_grad
-    got.backward()
-    assert u_img.grad is not None and torch.equal(u_img.grad, torch.zeros_like(u_img))
+    assert a.item() == pytest.approx(0.5 * (one_way + other_way), rel=1e-9)
 
 
 def test_soft_contrastive_margin_raises_loss():
     u_img, u_txt = _example(seed=5)
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
-    lo = S.soft_contrastive(u_img, u_txt, labels, margin=0.0, tau=0.5)
-    hi = S.soft_contrastive(u_img, u_txt, labels, margin=0.5, tau=0.5)
-    assert hi.item() > lo.item()
+    for lam in (0.5, 1.0):
+        lo = S.soft_contrastive(u_img, u_txt, labels, margin=0.0, tau=0.5, label_share=lam)
+        hi = S.soft_contrastive(u_img, u_txt, labels, margin=0.5, tau=0.5, label_share=lam)
+        assert hi.item() > lo.item()
 
 
 def test_pair_separation_matches_loop():
@@ -186,36 +283,65 @@ def test_pair_separation_matches_loop():
         [[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64
     )
     shift, tau = 0.25, 0.2
-    sim, tgt = _pairs(u_img, u_txt, labels)
+    sim, jac = _pairs(u_img, u_txt, labels)
     n = len(sim)
-    ref = 0.0
+    pos, neg = [], []
     for i in range(n):
         for j in range(n):
             z = (sim[i][j] - shift) / tau
-            ref += tgt[i][j] * _softplus(-z) + (1.0 - tgt[i][j]) * _softplus(z)
-    ref /= n * n
+            ell = jac[i][j] * _softplus(-z) + (1.0 - jac[i][j]) * _softplus(z)
+            (pos if jac[i][j] > 0 else neg).append(ell)
+    assert pos and neg
+    ref = 0.5 * (sum(pos) / len(pos) + sum(neg) / len(neg))
     got = S.pair_separation(u_img, u_txt, labels, shift=shift, tau=tau)
     assert got.item() == pytest.approx(ref, rel=1e-9)
+    # a plain mean over all pairs (the old formula) differs here
+    plain = (sum(pos) + sum(neg)) / (n * n)
+    assert got.item() != pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]],  # rows 0 and 2 are disjoint
+        [[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]],  # no disjoint pairs
+        [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],  # no label-sharing pairs
+    ],
+    ids=["mixed", "no-disjoint", "no-sharing"],
+)
+def test_pair_separation_groups(labels):
+    u_img, u_txt = _example(seed=9, b=4)
+    y = torch.tensor(labels, dtype=torch.float64)
+    shift, tau = 0.1, 0.3
+    sim, jac = _pairs(u_img, u_txt, y)
+    got = S.pair_separation(u_img, u_txt, y, shift=shift, tau=tau)
+    assert torch.isfinite(got)
+    assert got.item() == pytest.approx(_separation_ref(sim, jac, shift, tau), rel=1e-9)
+
+
+def test_pair_separation_no_disjoint_pairs_is_plain_mean():
+    u_img, u_txt = _example(seed=10, b=3)
+    # every item carries label 0, so every pair shares a label
+    y = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    shift, tau = 0.2, 0.25
+    sim, jac = _pairs(u_img, u_txt, y)
+    assert all(v > 0 for r in jac for v in r)
+    total = 0.0
+    for i in range(3):
+        for j in range(3):
+            z = (sim[i][j] - shift) / tau
+            total += jac[i][j] * _softplus(-z) + (1.0 - jac[i][j]) * _softplus(z)
+    got = S.pair_separation(u_img, u_txt, y, shift=shift, tau=tau)
+    assert got.item() == pytest.approx(total / 9, rel=1e-9)
 
 
 def test_bsch_loss_is_weighted_sum():
     u_img, u_txt = _example(seed=7)
     labels = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
-    sim, tgt = _pairs(u_img, u_txt, labels)
+    sim, jac = _pairs(u_img, u_txt, labels)
     margin, shift, tau, w = 0.2, 0.1, 0.5, 0.4
-    con = 0.5 * (
-        _soft_ce_loop(sim, tgt, margin, tau)
-        + _soft_ce_loop(_transpose(sim), _transpose(tgt), margin, tau)
-    )
-    sep = (
-        sum(
-            tgt[i][j] * _softplus(-(sim[i][j] - shift) / tau)
-            + (1 - tgt[i][j]) * _softplus((sim[i][j] - shift) / tau)
-            for i in range(3)
-            for j in range(3)
-        )
-        / 9
-    )
+    con = _contrastive_ref(sim, jac, margin, tau, 0.5)
+    sep = _separation_ref(sim, jac, shift, tau)
     got = S.bsch_loss(
         u_img, u_txt, labels, margin=margin, shift=shift, tau=tau, separation_weight=w
     )
@@ -296,13 +422,15 @@ def test_reliability_weights_hand_k2():
     x, y = _five_items()
     g = 0.2
     w = S.reliability_weights(x, x, y, k=2, g=g)
+    # neighbour weight ½(1 + sim): sim 1 → 1, sim 1/√2 → a = ½(1 + 1/√2)
+    a = 0.5 * (1 + 1 / math.sqrt(2))
     # item 0: sims 1 → 1, 2 → 0, 3 → 0, 4 → 1/√2, so the neighbours are 1 and 4:
-    #   ŷ0 = y1 + (1/√2)·y4 = [1, 1/√2, 0]; cos with [1,0,0] = 1/√(1.5)
-    c0 = 1 / math.sqrt(1.5)
-    # item 2: neighbours 3 (sim 1) and 4 (1/√2): ŷ2 = [0, 1/√2, 1]; cos with [0,1,0] = (1/√2)/√1.5
-    c2 = (1 / math.sqrt(2)) / math.sqrt(1.5)
-    # item 3: neighbours 2 (sim 1) and 4: ŷ3 = [0, 1 + 1/√2, 0]; cos with [0,0,1] = 0
-    # item 4: all four tie at 1/√2 → neighbours 0 and 1: ŷ4 = √2·[1,0,0]; cos with [0,1,0] = 0
+    #   ŷ0 = y1 + a·y4 = [1, a, 0]; cos with [1,0,0] = 1/√(1 + a²)
+    c0 = 1 / math.sqrt(1 + a * a)
+    # item 2: neighbours 3 (sim 1) and 4 (1/√2): ŷ2 = [0, a, 1]; cos with [0,1,0] = a/√(1 + a²)
+    c2 = a / math.sqrt(1 + a * a)
+    # item 3: neighbours 2 (sim 1) and 4: ŷ3 = [0, 1 + a, 0]; cos with [0,0,1] = 0
+    # item 4: all four tie at 1/√2 → neighbours 0 and 1: ŷ4 = 2a·[1,0,0]; cos with [0,1,0] = 0
     expected = [g + (1 - g) * c for c in (c0, c0, c2, 0.0, 0.0)]
     assert w.tolist() == pytest.approx(expected, abs=1e-6)
     loop = _reliability_loop(x.tolist(), x.tolist(), y.tolist(), 2, g)
@@ -319,12 +447,31 @@ def test_reliability_weights_tie_break_prefers_smaller_index():
 
 
 def test_reliability_weights_zero_label_and_negative_sim():
-    img = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    img = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [1.0, 0.0]])
     y = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     w = S.reliability_weights(img, img, y, k=1, g=0.3)
-    # item 0: nearest 2 has no labels → ŷ = 0 → g. item 1: both neighbours at sim −1 → max(·,0) = 0
-    # → g. item 2: own labels empty → g.
-    assert w.tolist() == pytest.approx([0.3, 0.3, 0.3], abs=1e-6)
+    # item 0: nearest 2 (sim 1) has no labels → ŷ = 0 → g.
+    # item 1: both neighbours at sim −1/√2 (tie → item 0); the weight ½(1 − 1/√2) > 0 still counts,
+    #   ŷ1 ∝ y0 = y1 → cos 1 → weight 1 (max(sim, 0) would have given g).
+    # item 2: own labels empty → g.
+    assert w.tolist() == pytest.approx([0.3, 1.0, 0.3], abs=1e-6)
+
+
+def test_reliability_weights_all_negative_sims_weighted_hand():
+    # item 3 has negative similarity to everyone; its two nearest (0 and 1) still count, weighted
+    # by ½(1 + sim), so the propagated label mixes y0 and y1 unequally.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, -2.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    g = 0.4
+    w = S.reliability_weights(x, x, y, k=2, g=g)
+    s30 = -1 / math.sqrt(5)  # cos(x3, x0)
+    s31 = -2 / math.sqrt(5)  # cos(x3, x1); cos(x3, x2) = −3/√10 is the farthest
+    a0, a1 = 0.5 * (1 + s30), 0.5 * (1 + s31)
+    c3 = a0 / math.sqrt(a0 * a0 + a1 * a1)  # ŷ3 = [a0, a1], y3 = [1, 0]
+    assert w[3].item() == pytest.approx(g + (1 - g) * c3, abs=1e-6)
+    assert w[3].item() > g + 1e-3
+    loop = _reliability_loop(x.tolist(), x.tolist(), y.tolist(), 2, g)
+    assert w.tolist() == pytest.approx(loop, abs=1e-6)
 
 
 def test_reliability_weights_cross_modal_random_vs_loop_and_chunks():

@@ -19,6 +19,21 @@ def test_gamma_is_a_fraction_of_ell_max():
     assert (cfg.r, cfg.alpha, cfg.warmup_epochs) == (0.1, 0.3, 4)
 
 
+def test_scbch_weights_are_searchable_and_untunable_keys_refused():
+    from pipeline.config import ConfigError
+    from pipeline.tune import default_space
+
+    base = TrainConfig(dataset="x", method="scbch")
+    space = default_space("scbch")
+    assert {"scbch_alpha", "scbch_beta", "scbch_k", "scbch_g"} <= set(space)
+    SweepConfig(base=base, space=space).validate()
+    cfg = trial_config(base, {"scbch_alpha": 1.5, "scbch_k": 12.0, "scbch_g": 0.3})
+    assert (cfg.scbch_alpha, cfg.scbch_k, cfg.scbch_g) == (1.5, 12, 0.3)
+    assert isinstance(cfg.scbch_k, int) and cfg.gamma == base.gamma
+    with pytest.raises(ConfigError, match=r"untunable key\(s\) \['workers'\]"):
+        SweepConfig(base=base, space={"workers": {"type": "fixed", "value": 2}}).validate()
+
+
 @pytest.fixture(scope="module")
 def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
     from pipeline.tune import run_sweep

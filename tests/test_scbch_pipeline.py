@@ -1,0 +1,155 @@
+"""SCBCH in the pipeline: reliability weights across workers, the model and its loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from gloo_util import finish_worker
+
+from pipeline.config import TrainConfig
+from pipeline.model import RSHNLModel
+from pipeline.scbch import reliability_weights
+from pipeline.step import build_model, compute_loss, train_set_reliability
+
+N, K, DI, DT = 37, 6, 5, 4
+
+
+def _data():
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(N, DI)).astype(np.float32)
+    text = rng.normal(size=(N, DT)).astype(np.float32)
+    label = (rng.random((N, K)) < 0.3).astype(np.float32)
+    label[np.arange(N), rng.integers(0, K, N)] = 1.0
+    return image, text, label
+
+
+def _cfg() -> TrainConfig:
+    return TrainConfig(
+        dataset="x", method="scbch", bits=8, hidden_dim=16, scbch_k=4, eval_batch_size=5
+    )
+
+
+def _model() -> RSHNLModel:
+    torch.manual_seed(0)
+    return build_model(_cfg(), {"image": DI, "text": DT}, K)
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    w = train_set_reliability(_model(), *_data(), _cfg())
+    Path(out, f"{rank}.json").write_text(json.dumps(w.tolist()))
+    finish_worker()
+
+
+def test_weights_are_equal_on_one_and_two_workers(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    two = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    one = train_set_reliability(_model(), *_data(), _cfg()).tolist()
+    assert two[0] == two[1]  # every rank holds the same weights
+    assert max(abs(a - b) for a, b in zip(one, two[0], strict=True)) < 1e-6
+    image, text, label = _data()
+    m = _model()
+    with torch.no_grad():
+        ref = reliability_weights(
+            m.encode(torch.from_numpy(image), "image"),
+            m.encode(torch.from_numpy(text), "text"),
+            torch.from_numpy(label),
+            k=4,
+            g=0.5,
+        )
+    assert one == pytest.approx(ref.tolist(), abs=1e-6)
+    assert min(one) >= 0.5 and max(one) <= 1.0
+
+
+def test_scbch_model_has_classifiers_and_raw_tanh_codes():
+    m = _model()
+    image, text, label = (torch.from_numpy(a[:8]) for a in _data())
+    u_img, _, _, lg_img, lg_txt = m(image, text)
+    assert lg_img.shape == (8, K) and lg_txt.shape == (8, K)
+    assert not torch.allclose(u_img.norm(dim=1), torch.ones(8))  # not L2-normalised
+    assert u_img.abs().max() < 1
+    terms = compute_loss(m, image, text, label, _cfg().replace(warmup_epochs=0), 3, False,
+                         torch.full((8,), 0.5))  # fmt: skip
+    terms.total.backward()
+    assert all(p.grad is not None for p in m.parameters())  # no unused parameter under DDP
+    assert terms.weights.tolist() == [0.5] * 8 and not terms.warmup
+
+
+def test_warmup_ignores_weights():
+    m = _model()
+    image, text, label = (torch.from_numpy(a[:8]) for a in _data())
+    cfg = _cfg().replace(warmup_epochs=2)
+    t = compute_loss(m, image, text, label, cfg, 1, False, torch.zeros(8))
+    assert t.warmup and t.weights.tolist() == [1.0] * 8
+
+
+@pytest.fixture(scope="module")
+def multilabel_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from feature_store.noise import apply_noise
+    from feature_store.store import write_dataset
+    from feature_store.synthetic import generate
+
+    splits, meta = generate(
+        num_classes=8,
+        counts={"train": 160, "valid": 40, "query": 30, "database": 120},
+        image_dim=12,
+        text_dim=10,
+        label_kind="multi",
+        max_labels=3,
+        difficulty=0.1,
+        seed=5,
+    )
+    noise = apply_noise(splits["train"], "multilabel", 0.5, seed=1)
+    store = tmp_path_factory.mktemp("ml-store")
+    return write_dataset(
+        str(store), "ml", splits, source=meta["source"], noise=noise, label_kind="multi",
+        protocol=meta["protocol"],
+    )  # fmt: skip
+
+
+def test_multilabel_protocol_is_query_vs_database(multilabel_dataset):
+    from feature_store.store import open_dataset
+    from pipeline import evaluate as E
+    from pipeline.data import EvalProtocol
+
+    ds = open_dataset(multilabel_dataset)
+    valid = EvalProtocol.load(ds, "valid", top_k=50)
+    test = EvalProtocol.load(ds, "test", top_k=50)
+    assert valid.query.label.shape[0] == 40 and test.query.label.shape[0] == 30
+    assert test.database is not None and test.database.label.shape[0] == 120
+    rng = np.random.default_rng(0)
+    arrays = (test.query.image, test.query.text, test.database.image, test.database.text)
+    codes = {id(a): np.where(rng.random((a.shape[0], 16)) < 0.5, 1, -1) for a in arrays}
+    got = test.evaluate(lambda x, m: codes[id(x)])
+    q, d = test.query, test.database
+    i2t = E.mean_average_precision(codes[id(q.image)], codes[id(d.text)], q.label, d.label)
+    t2i_k = E.mean_average_precision(
+        codes[id(q.text)], codes[id(d.image)], q.label, d.label, top_k=50
+    )
+    assert got["i2t"] == pytest.approx(i2t) and got["t2i_at_k"] == pytest.approx(t2i_k)
+    assert got["mean"] == pytest.approx((got["i2t"] + got["t2i"]) / 2)
+
+
+@pytest.mark.parametrize("method", ["scbch", "rshnl"])
+def test_training_on_multilabel_data_with_two_workers(multilabel_dataset, ray_cluster, tmp_path,
+                                                      method):  # fmt: skip
+    from pipeline.trainer import run_training
+
+    cfg = TrainConfig(
+        dataset=multilabel_dataset, method=method, bits=16, hidden_dim=32, epochs=3,
+        warmup_epochs=1, batch_size=32, lr=1e-3, workers=2, cpus_per_worker=0.5, eval_top_k=50,
+        storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        register_model=False, scbch_k=5,
+    )  # fmt: skip
+    s = run_training(cfg, log_model=False)
+    assert s["epochs_run"] == 3 and len(set(s["center_checksums"])) == 1
+    assert {"i2t", "t2i", "mean", "i2t_at_k", "t2i_at_k", "mean_at_k"} <= set(s["test_map"])
+    assert 0 < s["test_map"]["mean"] <= 1
+    hist = s["history"]
+    assert len(hist["valid_map_mean"]) == 3
