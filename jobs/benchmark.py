@@ -183,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--keep-checkpoints", action="store_true", help="keep finished cells' checkpoints"
     )
+    g.add_argument(
+        "--executor",
+        choices=("ray", "inprocess"),
+        default="ray",
+        help="ray: each cell a Ray Train run (default); inprocess: cells one after another in "
+        "this process, for machines without Ray (no checkpoints)",
+    )
+    g.add_argument("--device", default="cpu", help="inprocess executor: cpu or cuda")
+    g.add_argument("--no-tracking", action="store_true", help="inprocess: do not log to MLflow")
     g.add_argument("--summary-json")
     return p
 
@@ -219,6 +228,9 @@ def grid(args: argparse.Namespace) -> int:
         noise_mode=args.noise_mode,
         max_concurrent=args.max_concurrent,
         keep_checkpoints=args.keep_checkpoints,
+        executor=args.executor,
+        device=args.device,
+        tracking=not args.no_tracking,
     )
     result = run_grid(spec)
     log.info("grid %s (%s):\n%s", result["grid"], result["out"], result["table_markdown"])

@@ -72,6 +72,9 @@ class GridSpec:
     noise_mode: str | None = None
     max_concurrent: int = 0  # 0: as many as the cluster's CPUs allow
     keep_checkpoints: bool = False  # keep each finished cell's Ray Train storage
+    executor: str = "ray"  # "ray": cells as Ray tasks; "inprocess": one after another, no Ray
+    device: str = "cpu"  # inprocess executor: cpu or cuda
+    tracking: bool = True  # log the grid and its cells to MLflow
 
     def validate(self) -> GridSpec:
         bad = [m for m in self.methods if m not in METHODS]
@@ -85,6 +88,10 @@ class GridSpec:
         for b in self.bits:
             if b <= 0:
                 raise ConfigError(f"grid: bits {b} must be positive")
+        if self.executor not in ("ray", "inprocess"):
+            raise ConfigError(f"grid: executor {self.executor!r} must be 'ray' or 'inprocess'")
+        if self.executor == "ray" and not self.tracking:
+            raise ConfigError("grid: the Ray executor always logs its cells to MLflow")
         if self.max_concurrent < 0:
             raise ConfigError(f"grid: max_concurrent {self.max_concurrent} must be ≥ 0")
         self.base.validate()
@@ -208,6 +215,10 @@ def _grid_info(spec: GridSpec, out: Path, tracking_uri: str, data_version: str) 
             )
         return info
     name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not spec.tracking:
+        info = {"name": name, "parent_run_id": "", "base_data_version": data_version}
+        _write_json(info_path, info)
+        return info
     params = {f"base.{k}": v for k, v in spec.base.to_dict().items() if k != "dataset"}
     params.update(
         {
@@ -232,15 +243,11 @@ def _grid_info(spec: GridSpec, out: Path, tracking_uri: str, data_version: str) 
 
 def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
     """Run every cell of ``spec`` not yet done under ``spec.out``; write and return the tables."""
-    import ray
-
-    from pipeline.trainer import ensure_ray
-
     spec.validate()
     out = Path(spec.out).resolve()
     (out / "cells").mkdir(parents=True, exist_ok=True)
     base_ds = open_dataset(spec.base.dataset)
-    tracking_uri = tracking.resolve_tracking_uri(spec.base.tracking_uri)
+    tracking_uri = tracking.resolve_tracking_uri(spec.base.tracking_uri) if spec.tracking else ""
     storage = spec.base.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -270,7 +277,38 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
 
     failed: dict[str, str] = {}
     t0 = time.perf_counter()
-    if todo:
+    if todo and spec.executor == "inprocess":
+        from pipeline.inprocess import train_in_process
+
+        for n_done, (cell, cfg) in enumerate(todo, 1):
+            log.info("cell %s: start (%s, in process on %s)", cell.id, cfg.dataset, spec.device)
+            try:
+                result = train_in_process(cfg, spec.device)
+            except Exception as e:  # one failed cell does not stop the grid
+                failed[cell.id] = f"{type(e).__name__}: {e}"
+                log.error("cell %s failed: %s", cell.id, failed[cell.id])
+                continue
+            if spec.tracking:
+                tags = {**cfg.tags, "mlflow.parentRunId": info["parent_run_id"]}
+                metrics = {f"test_map_{k}": v for k, v in result["test_map"].items()}
+                metrics.update(
+                    {
+                        "best_valid_map_mean": result["best_valid_map"]["mean"],
+                        "best_epoch": result["best_epoch"],
+                        "seconds_per_epoch": result["seconds_per_epoch"],
+                        "test_eval_seconds": result["test_eval_seconds"],
+                    }
+                )
+                params = {**cfg.to_dict(), "data_version": result["data_version"]}
+                result["mlflow_run_id"] = tracking.log_finished_run(
+                    tracking_uri, cfg.experiment_name, cfg.run_name, params, tags, metrics
+                )
+            _finish_cell(spec, out, cell, cfg, result, n_done, len(todo))
+    elif todo:
+        import ray
+
+        from pipeline.trainer import ensure_ray
+
         ensure_ray(spec.base, ray_address)
         per_cell = spec.base.workers * spec.base.cpus_per_worker
         cpus = ray.cluster_resources().get("CPU", 1.0)
@@ -295,32 +333,12 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
                 failed[cell.id] = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log.error("cell %s failed: %s", cell.id, failed[cell.id])
                 continue
-            record = {
-                "cell": cell.id,
-                "method": cell.method,
-                "noise": cell.noise,
-                "bits": cell.bits,
-                "seed": cell.seed,
-                "fingerprint": fingerprint(cfg),
-                **result,
-            }
-            _write_json(out / "cells" / f"{cell.id}.json", record)
-            log.info(
-                "cell %d/%d %s: test MAP i2t %.4f t2i %.4f (best epoch %d, %.2f s/epoch)",
-                n_done,
-                len(todo),
-                cell.id,
-                result["test_map"]["i2t"],
-                result["test_map"]["t2i"],
-                result["best_epoch"],
-                result["seconds_per_epoch"],
-            )
-            write_tables(spec, out)
+            _finish_cell(spec, out, cell, cfg, result, n_done, len(todo))
     wall = time.perf_counter() - t0
     records = write_tables(spec, out)
     files = [out / "table.md", out / "cells.csv"]
     complete = len(records) == len(spec.cells())
-    if complete:
+    if complete and spec.tracking:
         metrics = {"cells": len(records), "wall_seconds_last_invocation": wall}
         tracking.finish_grid(tracking_uri, info["parent_run_id"], metrics, files)
     return {
@@ -336,6 +354,39 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
         "table_markdown": (out / "table.md").read_text(),
         "wall_seconds": wall,
     }
+
+
+def _finish_cell(
+    spec: GridSpec,
+    out: Path,
+    cell: Cell,
+    cfg: TrainConfig,
+    result: dict[str, Any],
+    n_done: int,
+    n_todo: int,
+) -> None:
+    record = {
+        "cell": cell.id,
+        "method": cell.method,
+        "noise": cell.noise,
+        "bits": cell.bits,
+        "seed": cell.seed,
+        "executor": spec.executor if spec.executor == "ray" else f"inprocess:{spec.device}",
+        "fingerprint": fingerprint(cfg),
+        **result,
+    }
+    _write_json(out / "cells" / f"{cell.id}.json", record)
+    log.info(
+        "cell %d/%d %s: test MAP i2t %.4f t2i %.4f (best epoch %d, %.2f s/epoch)",
+        n_done,
+        n_todo,
+        cell.id,
+        result["test_map"]["i2t"],
+        result["test_map"]["t2i"],
+        result["best_epoch"],
+        result["seconds_per_epoch"],
+    )
+    write_tables(spec, out)
 
 
 def load_records(spec: GridSpec, out: Path) -> list[dict[str, Any]]:
@@ -435,6 +486,7 @@ CSV_FIELDS = (
     "wall_seconds",
     "restarts",
     "data_version",
+    "executor",
     "mlflow_run_id",
 )
 

@@ -36,45 +36,16 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from pipeline.model import MODALITIES, RSHNLModel, sign_codes
+from pipeline.model import MODALITIES, sign_codes
+from pipeline.weights import WEIGHTS, encode, load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
+__all__ = ["WEIGHTS", "HashCodeModel", "encode", "load_model_file", "save_model_file"]
 
-WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
 MANIFEST = "dataset_manifest.json"
 METRICS = "metrics.json"
 OUTPUTS = ("codes", "packed", "both")
-
-
-def save_model_file(
-    path: Path, model: RSHNLModel, arch: dict[str, int], extra: dict[str, Any]
-) -> None:
-    """Weights plus the architecture needed to rebuild the module."""
-    torch.save({"arch": arch, "state_dict": model.state_dict(), **extra}, path)
-
-
-def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
-    """Rebuild the module from :func:`save_model_file` output, in eval mode on the CPU."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    model = RSHNLModel(**blob["arch"])
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
-    return model, blob
-
-
-@torch.no_grad()
-def encode(model: RSHNLModel, x: np.ndarray, modality: str, batch_size: int = 2048) -> np.ndarray:
-    """±1 int8 codes of features ``x`` (n, d), in batches."""
-    out = []
-    device = next(model.parameters()).device
-    for s in range(0, x.shape[0], batch_size):
-        xb = torch.from_numpy(np.array(x[s : s + batch_size], dtype=np.float32, order="C"))
-        out.append(sign_codes(model.encode(xb.to(device), modality)).cpu().numpy())
-    if out:
-        return np.concatenate(out)
-    bits = model.image_head.net[-1].out_features
-    return np.zeros((0, bits), dtype=np.int8)
 
 
 def feature_dim(arch: dict[str, int], modality: str) -> int:

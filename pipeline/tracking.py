@@ -413,3 +413,20 @@ def finish_grid(
     for f in files:
         client.log_artifact(parent_run_id, str(f))
     client.set_terminated(parent_run_id, "FINISHED")
+
+
+def log_finished_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    metrics: dict[str, float],
+) -> str:
+    """One run that is already over (e.g. a grid cell trained in process): params, metrics, end."""
+    run_id = start_run(tracking_uri, experiment_name, run_name, params, tags)
+    client = _client(tracking_uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -23,7 +23,6 @@ from pipeline import evaluate
 from pipeline.config import TrainConfig
 from pipeline.data import EvalProtocol, local_shuffle_seed, noise_flags
 from pipeline.model import RSHNLModel, fixed_centers
-from pipeline.serving import WEIGHTS, encode, save_model_file
 from pipeline.step import (
     arch_of,
     assert_centers_synced,
@@ -34,6 +33,7 @@ from pipeline.step import (
     seed_everything,
     train_set_reliability,
 )
+from pipeline.weights import WEIGHTS, encode, save_model_file
 
 log = logging.getLogger("pipeline.train")
 

@@ -22,8 +22,8 @@ from feature_store.store import open_dataset
 from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import EvalProtocol, feature_normalisation, training_dataset
-from pipeline.serving import WEIGHTS, encode, load_model_file
 from pipeline.train_loop import SCORE, train_func
+from pipeline.weights import WEIGHTS, encode, load_model_file
 
 log = logging.getLogger(__name__)
 

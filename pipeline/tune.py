@@ -407,8 +407,8 @@ def _register_best(
     import pyarrow.fs as pafs
 
     from pipeline.data import EvalProtocol
-    from pipeline.serving import WEIGHTS, load_model_file
     from pipeline.train_loop import evaluate_split
+    from pipeline.weights import WEIGHTS, load_model_file
 
     ckpt = best["checkpoint_path"]
     if "://" not in ckpt and "://" in best.get("train_storage", ""):

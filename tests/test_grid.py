@@ -109,3 +109,26 @@ def test_grid_runs_cells_and_skips_them_when_run_again(tiny_clean, ray_cluster, 
     assert again["table_markdown"] == out["table_markdown"]
     with pytest.raises(ConfigError, match=r"different settings \(\['epochs'\]\)"):
         run_grid(GridSpec(**{**spec.__dict__, "base": base.replace(epochs=3)}))
+
+
+def test_inprocess_grid_runs_without_ray_and_logs_cells(tiny_clean, tmp_path):
+    import sys
+
+    base = TrainConfig(
+        dataset=tiny_clean, bits=16, hidden_dim=32, epochs=2, warmup_epochs=1, batch_size=64,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="grid-inprocess",
+    )  # fmt: skip
+    spec = GridSpec(
+        base=base, methods=["RSHNL-S", "plain"], noise_rates=[0.4], bits=[16], seeds=[0, 1],
+        out=str(tmp_path / "grid"), executor="inprocess",
+    )  # fmt: skip
+    ray_loaded = "ray" in sys.modules
+    out = run_grid(spec)
+    assert out["complete"] and out["cells_run_now"] == 4 and not out["failed"]
+    assert ray_loaded or "ray" not in sys.modules
+    rows = list(csv.DictReader((tmp_path / "grid" / "cells.csv").open()))
+    assert {r["executor"] for r in rows} == {"inprocess:cpu"} and len(rows) == 4
+    assert all(r["mlflow_run_id"] for r in rows)
+    assert "±" in out["table_markdown"]  # two seeds: mean ± std
+    with pytest.raises(ConfigError, match="always logs"):
+        GridSpec(**{**spec.__dict__, "executor": "ray", "tracking": False}).validate()

@@ -1,0 +1,123 @@
+"""Training in one process without Ray or MLflow: the grid's executor on machines without them.
+
+Same model, objective (``compute_loss``), SCBCH weights and evaluation protocol as the Ray Train
+loop; no checkpoints, no fault tolerance, no tracking. The best epoch by validation MAP is kept
+in memory and evaluated on the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from feature_store import schema as S
+from feature_store.store import open_dataset
+from pipeline.config import TrainConfig
+from pipeline.data import EvalProtocol, feature_normalisation
+from pipeline.step import build_model, compute_loss, seed_everything, train_set_reliability
+from pipeline.train_loop import checkpoint_score, resolve_keep_rate
+from pipeline.weights import encode
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _evaluate(model: Any, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
+    model.eval()
+    try:
+        return protocol.evaluate(lambda x, m: encode(model, x, m, batch_size))
+    finally:
+        model.train()
+
+
+def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
+    """Train ``cfg`` on one device; return the run summary (test MAP at the best valid epoch)."""
+    cfg.validate()
+    seed_everything(cfg.seed)
+    dev = torch.device(device)
+    ds = open_dataset(cfg.dataset)
+    if cfg.weighting == "small_loss" and not cfg.keep_rate:
+        cfg = cfg.replace(keep_rate=resolve_keep_rate(ds.manifest))
+    a = ds.read_arrays("train", [S.IMAGE, S.TEXT, S.LABEL])
+    image = torch.as_tensor(a[S.IMAGE], dtype=torch.float32, device=dev)
+    text = torch.as_tensor(a[S.TEXT], dtype=torch.float32, device=dev)
+    label = torch.as_tensor(a[S.LABEL].astype(np.float32), device=dev)
+    model = build_model(cfg, ds.dims, ds.num_classes)
+    if cfg.feature_norm == "standardize":
+        for m, (mean, scale) in feature_normalisation(ds).items():
+            model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
+    if cfg.centers != "learned" and cfg.method == "rshnl":
+        from pipeline.model import fixed_centers
+
+        model.center_net.centers.copy_(
+            fixed_centers(cfg.centers, ds.num_classes, cfg.bits, cfg.seed)
+        )
+    model.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    best_score, best_state, best_valid, best_epoch = -1.0, None, {}, 0
+    train_s, eval_s = [], []
+    for epoch in range(cfg.epochs):
+        _sync(dev)
+        t0 = time.perf_counter()
+        w_all = None
+        if cfg.method == "scbch" and epoch >= cfg.warmup_epochs:
+            w_all = train_set_reliability(model, a[S.IMAGE], a[S.TEXT], a[S.LABEL], cfg, dev)
+            w_all = w_all.to(dev)
+        perm = torch.randperm(image.shape[0], generator=gen).to(dev)
+        for s in range(0, image.shape[0], cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            w = None if w_all is None else w_all[idx]
+            terms = compute_loss(model, image[idx], text[idx], label[idx], cfg, epoch, False, w)
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            opt.step()
+        _sync(dev)
+        train_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        vmap = _evaluate(model, valid, cfg.eval_batch_size)
+        eval_s.append(time.perf_counter() - t0)
+        score = checkpoint_score(vmap["mean"], epoch + 1)
+        if score > best_score:
+            best_score, best_valid, best_epoch = score, vmap, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        log.info(
+            "epoch %d/%d loss=%.4f valid_map=%.4f best=%.4f@%d train %.3fs",
+            epoch + 1,
+            cfg.epochs,
+            terms.total.item(),
+            vmap["mean"],
+            best_valid["mean"],
+            best_epoch,
+            train_s[-1],
+        )
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    t0 = time.perf_counter()
+    test_map = _evaluate(model, EvalProtocol.load(ds, "test", cfg.eval_top_k), cfg.eval_batch_size)
+    test_eval = time.perf_counter() - t0
+    steady = train_s[1:] or train_s
+    return {
+        "test_map": test_map,
+        "best_valid_map": best_valid,
+        "best_epoch": best_epoch,
+        "epochs_run": cfg.epochs,
+        "seconds_per_epoch": float(np.mean(steady)),
+        "valid_eval_seconds_per_epoch": float(np.mean(eval_s)),
+        "test_eval_seconds": test_eval,
+        "wall_seconds": float(np.sum(train_s) + np.sum(eval_s) + test_eval),
+        "mlflow_run_id": "",
+        "restarts": 0,
+        "dataset": ds.uri,
+        "data_version": ds.data_version,
+    }
