@@ -112,6 +112,23 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
 
 
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ; a key one side lacks counts only if the other is not its default
+    (so cells recorded before a config key existed still match)."""
+    defaults = TrainConfig().to_dict()
+    missing = object()
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, missing), new.get(k, missing)
+        if a is missing:
+            a = defaults.get(k)
+        if b is missing:
+            b = defaults.get(k)
+        if a != b:
+            out.append(k)
+    return out
+
+
 def noisy_datasets(
     base_uri: str, rates: list[float], seed: int, mode: str | None = None
 ) -> dict[float, str]:
@@ -261,12 +278,8 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
         done_path = out / "cells" / f"{cell.id}.json"
         if done_path.is_file():
             done = json.loads(done_path.read_text())
-            if done["fingerprint"] != fingerprint(cfg):
-                diff = sorted(
-                    k
-                    for k in set(done["fingerprint"]) | set(fingerprint(cfg))
-                    if done["fingerprint"].get(k) != fingerprint(cfg).get(k)
-                )
+            diff = fingerprint_diff(done["fingerprint"], fingerprint(cfg))
+            if diff:
                 raise ConfigError(
                     f"grid: cell {cell.id} in {out} was run with different settings ({diff}); "
                     "choose another --out to run a different grid"

@@ -132,3 +132,13 @@ def test_inprocess_grid_runs_without_ray_and_logs_cells(tiny_clean, tmp_path):
     assert "±" in out["table_markdown"]  # two seeds: mean ± std
     with pytest.raises(ConfigError, match="always logs"):
         GridSpec(**{**spec.__dict__, "executor": "ray", "tracking": False}).validate()
+
+
+def test_fingerprints_recorded_before_a_new_key_still_match():
+    from pipeline.grid import fingerprint, fingerprint_diff
+
+    new = fingerprint(TrainConfig(dataset="x"))
+    old = {k: v for k, v in new.items() if k != "weight_decay"}
+    assert fingerprint_diff(old, new) == []
+    assert fingerprint_diff(old, {**new, "weight_decay": 0.1}) == ["weight_decay"]
+    assert fingerprint_diff({**old, "epochs": 3}, new) == ["epochs"]
