@@ -153,3 +153,24 @@ def test_training_on_multilabel_data_with_two_workers(multilabel_dataset, ray_cl
     assert 0 < s["test_map"]["mean"] <= 1
     hist = s["history"]
     assert len(hist["valid_map_mean"]) == 3
+
+
+def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
+    from test_feature_store_layouts import write_multilabel_h5
+
+    from jobs.ingest import main as ingest
+    from pipeline.inprocess import train_in_process
+
+    path = write_multilabel_h5(tmp_path / "nus.h5")
+    args = ["multilabel-h5", "--input", str(path), "--store", str(tmp_path / "s"), "--name", "nus"]
+    assert ingest([*args, "--valid-from-query", "4", "--noise-rate", "0.5"]) == 0
+    uri = str(tmp_path / "s" / "nus" / "v1")
+    for method in ("scbch", "rshnl"):
+        cfg = TrainConfig(
+            dataset=uri, method=method, bits=8, hidden_dim=16, epochs=3, warmup_epochs=1,
+            batch_size=16, lr=1e-3, scbch_k=5, eval_top_k=10,
+        )  # fmt: skip
+        s = train_in_process(cfg)
+        assert s["epochs_run"] == 3 and 1 <= s["best_epoch"] <= 3
+        assert {"i2t", "t2i", "i2t_at_k", "t2i_at_k"} <= set(s["test_map"])
+        assert all(0 < v <= 1 for v in s["test_map"].values())
