@@ -1,6 +1,7 @@
 """Experiment grids: method × noise rate × bits × seed, each cell one training run.
 
-Cells run as Ray tasks (each starts its own Ray Train run), at most ``max_concurrent`` at a time.
+Cells run as Ray tasks (each starts its own Ray Train run), at most ``max_concurrent`` at a time,
+or one after another in this process (``executor="inprocess"``, for machines without Ray).
 A finished cell leaves ``<out>/cells/<cell>.json``; running the same grid again skips those, and a
 cell that was interrupted mid-run resumes from its latest checkpoint. The tables (Markdown laid out
 like the paper's Table 1, and a CSV with one row per cell) are rewritten after every cell.
