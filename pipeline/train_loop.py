@@ -6,11 +6,8 @@ checked outside Ray against a single-process run on the concatenated batch.
 
 from __future__ import annotations
 
-import copy
-import io
 import logging
 import os
-import posixpath
 import random
 import tempfile
 import time
@@ -36,7 +33,7 @@ from pipeline.step import (
     seed_everything,
     train_set_reliability,
 )
-from pipeline.weights import WEIGHTS, encode, model_blob
+from pipeline.weights import WEIGHTS, encode, save_model_file
 
 log = logging.getLogger("pipeline.train")
 
@@ -54,25 +51,6 @@ _BATCH_DTYPES = {
 def resolve_keep_rate(manifest: dict[str, Any]) -> float:
     """Small-loss selection keeps 1 − the noise rate recorded for the data (at least 5 %)."""
     return max(0.05, 1.0 - float(manifest.get("noise", {}).get("rate") or 0.0))
-
-
-def snapshot_writer(blobs: dict[str, Any], storage: Any) -> Any:
-    """A ``checkpoint_upload_fn`` that writes in-memory blobs straight into the run's storage."""
-    import ray.train
-
-    def upload(_local: Any, dir_name: str) -> Any:
-        fs = storage.storage_filesystem
-        path = storage.build_checkpoint_path_from_name(dir_name)
-        fs.create_dir(path, recursive=True)
-        for name, blob in blobs.items():
-            buf = io.BytesIO()
-            torch.save(blob, buf)
-            with fs.open_output_stream(posixpath.join(path, name)) as f:
-                f.write(buf.getbuffer())
-        blobs.clear()
-        return ray.train.Checkpoint(path, filesystem=fs)
-
-    return upload
 
 
 def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
@@ -199,7 +177,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
         sorted_ids = torch.as_tensor(train_rows["item_id"][id_order])
     pair_weights = None
 
-    storage = ray.train.get_context().get_storage()
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
     step, seconds = 0, []
@@ -278,7 +255,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         seconds.append(timer.t.get("data_wait", 0.0) + timer.t.get("step", 0.0))
 
         metrics: dict[str, Any] = {"epoch": epoch + 1}
-        ckpt_dir, snapshot = None, {}
+        ckpt_dir = None
         if rank == 0:
             t0 = time.perf_counter()
             vmap = evaluate_split(core, valid, cfg.eval_batch_size)
@@ -354,24 +331,23 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     | {f"time_{k}": v for k, v in timer.t.items()},
                     epoch + 1,
                 )
-            timer.add("log", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            # An in-memory copy now; Ray's upload thread serialises it into the run's storage
-            # while the next epoch trains.
-            snapshot = {
-                WEIGHTS: model_blob(core, arch, {"epoch": epoch + 1, "valid_map": vmap}, copy=True),
-                STATE: {
-                    "optimizer": copy.deepcopy(optimizer.state_dict()),
+            ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
+            save_model_file(
+                Path(ckpt_dir) / WEIGHTS, core, arch, {"epoch": epoch + 1, "valid_map": vmap}
+            )
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
                     "epoch": epoch,
                     "best_valid_map": best_map,
                     "best_epoch": best_epoch,
-                    "history": copy.deepcopy(history),
+                    "history": history,
                     "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(),
                     "python_rng": random.getstate(),
                 },
-            }
-            ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")  # stays empty: see snapshot_writer
+                Path(ckpt_dir) / STATE,
+            )
             timer.add("checkpoint", time.perf_counter() - t0)
             metrics.update(
                 {
@@ -396,8 +372,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
             metrics,
             checkpoint=checkpoint_obj,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            checkpoint_upload_fn=snapshot_writer(snapshot, storage) if ckpt_dir else None,
-            delete_local_checkpoint_after_upload=True,
         )
         timer.add("report", time.perf_counter() - t0)
         if rank == 0 and monitor is not None:

@@ -16,21 +16,11 @@ from pipeline.model import RSHNLModel, sign_codes
 WEIGHTS = "model.pt"
 
 
-def model_blob(
-    model: RSHNLModel, arch: dict[str, Any], extra: dict[str, Any], *, copy: bool = False
-) -> dict[str, Any]:
-    """A model file's content: architecture, weights (``copy``: detached clones), extras."""
-    state = model.state_dict()
-    if copy:
-        state = {k: v.detach().clone() for k, v in state.items()}
-    return {"arch": arch, "state_dict": state, **extra}
-
-
 def save_model_file(
-    path: Path, model: RSHNLModel, arch: dict[str, Any], extra: dict[str, Any]
+    path: Path, model: RSHNLModel, arch: dict[str, int], extra: dict[str, Any]
 ) -> None:
     """Weights plus the architecture needed to rebuild the module."""
-    torch.save(model_blob(model, arch, extra), path)
+    torch.save({"arch": arch, "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
