@@ -21,7 +21,7 @@ from pipeline.methods import DESCRIPTIONS
 
 log = logging.getLogger("jobs.benchmark")
 
-PHASES = ("data_wait", "step", "gather", "eval", "checkpoint", "report")
+PHASES = ("data_wait", "step", "gather", "eval", "log", "checkpoint", "report")
 
 
 def plain_loop_seconds(

@@ -331,6 +331,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     | {f"time_{k}": v for k, v in timer.t.items()},
                     epoch + 1,
                 )
+            timer.add("log", time.perf_counter() - t0)
+            t0 = time.perf_counter()
             ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
             save_model_file(
                 Path(ckpt_dir) / WEIGHTS, core, arch, {"epoch": epoch + 1, "valid_map": vmap}
