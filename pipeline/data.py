@@ -78,36 +78,35 @@ class EvalProtocol:
             log.warning("%s has no validation split: model selection uses the query split", ds.uri)
         return cls(EvalSplit.load(ds, name), EvalSplit.load(ds, "database"), top_k or None)
 
+    def encode(self, encode_fn: Callable[[np.ndarray, str], np.ndarray]) -> tuple[Any, Any]:
+        """(query, database) as (image codes, text codes, labels), each split encoded once.
+
+        Set-vs-itself is the query set serving as its own database.
+        """
+        q = self.query
+        query = (encode_fn(q.image, "image"), encode_fn(q.text, "text"), q.label)
+        if self.database is None:
+            return query, query
+        d = self.database
+        return query, (encode_fn(d.image, "image"), encode_fn(d.text, "text"), d.label)
+
     def evaluate(self, encode_fn: Callable[[np.ndarray, str], np.ndarray]) -> dict[str, float]:
         """MAP (I2T, T2I, mean; MAP@k keys with ``top_k``) with ``encode_fn(x, modality)``."""
+        return self.map_of(self.encode(encode_fn))
+
+    def map_of(self, codes: tuple[Any, Any]) -> dict[str, float]:
         from pipeline import evaluate as E
 
-        q = self.query
-        qi, qt = encode_fn(q.image, "image"), encode_fn(q.text, "text")
-        if self.database is None:
-            out = E.cross_modal_map(qi, qt, q.label)
-            if self.top_k:
-                k = min(self.top_k, q.label.shape[0])
-                i2t = E.mean_average_precision(qi, qt, q.label, q.label, top_k=k)
-                t2i = E.mean_average_precision(qt, qi, q.label, q.label, top_k=k)
-                out.update({"i2t_at_k": i2t, "t2i_at_k": t2i, "mean_at_k": (i2t + t2i) / 2})
-            return out
-        d = self.database
-        di, dt = encode_fn(d.image, "image"), encode_fn(d.text, "text")
-        return E.query_database_map((qi, qt, q.label), (di, dt, d.label), top_k=self.top_k)
+        return E.query_database_map(*codes, top_k=self.top_k)
 
-    def pr_curves(self, encode_fn: Callable[[np.ndarray, str], np.ndarray]) -> dict[str, Any]:
+    def pr_curves_of(self, codes: tuple[Any, Any]) -> dict[str, Any]:
+        """PR curves by Hamming radius, ``{"i2t": ..., "t2i": ...}``."""
         from pipeline import evaluate as E
 
-        q = self.query
-        qi, qt = encode_fn(q.image, "image"), encode_fn(q.text, "text")
-        if self.database is None:
-            return E.cross_modal_pr_curves(qi, qt, q.label)
-        d = self.database
-        di, dt = encode_fn(d.image, "image"), encode_fn(d.text, "text")
+        (qi, qt, ql), (di, dt, dl) = codes
         return {
-            "i2t": E.precision_recall_curve(qi, dt, q.label, d.label),
-            "t2i": E.precision_recall_curve(qt, di, q.label, d.label),
+            "i2t": E.precision_recall_curve(qi, dt, ql, dl),
+            "t2i": E.precision_recall_curve(qt, di, ql, dl),
         }
 
 

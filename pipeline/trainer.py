@@ -16,8 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from feature_store.store import open_dataset
 from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
@@ -287,16 +285,10 @@ def _fit(
     t_test = time.perf_counter()
     model, _ = load_model_file(keep)
     test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
-    cache: dict[int, np.ndarray] = {}
-
-    def enc(x: np.ndarray, m: str) -> np.ndarray:
-        if id(x) not in cache:  # PR curves reuse the codes of the MAP pass
-            cache[id(x)] = encode(model, x, m, cfg.eval_batch_size)
-        return cache[id(x)]
-
-    test_map = test.evaluate(enc)
+    codes = test.encode(lambda x, m: encode(model, x, m, cfg.eval_batch_size))
+    test_map = test.map_of(codes)
     test_eval_seconds = time.perf_counter() - t_test
-    pr_curves = test.pr_curves(enc)
+    pr_curves = test.pr_curves_of(codes)
     import ray
 
     attempts, timings = ray.get(monitor.get.remote())

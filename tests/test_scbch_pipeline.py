@@ -174,3 +174,27 @@ def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
         assert s["epochs_run"] == 3 and 1 <= s["best_epoch"] <= 3
         assert {"i2t", "t2i", "i2t_at_k", "t2i_at_k"} <= set(s["test_map"])
         assert all(0 < v <= 1 for v in s["test_map"].values())
+
+
+def test_single_label_protocol_is_the_split_against_itself(tiny_dataset):
+    from feature_store.store import open_dataset
+    from pipeline import evaluate as E
+    from pipeline.data import EvalProtocol
+
+    test = EvalProtocol.load(open_dataset(tiny_dataset), "test", top_k=10)
+    assert test.database is None
+    rng = np.random.default_rng(1)
+    codes = {id(a): np.where(rng.random((a.shape[0], 16)) < 0.5, 1, -1)
+             for a in (test.query.image, test.query.text)}  # fmt: skip
+    both = test.encode(lambda x, m: codes[id(x)])
+    q = test.query
+    want = E.cross_modal_map(codes[id(q.image)], codes[id(q.text)], q.label)
+    got = test.map_of(both)
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    i2t_k = E.mean_average_precision(
+        codes[id(q.image)], codes[id(q.text)], q.label, q.label, top_k=10
+    )
+    assert got["i2t_at_k"] == pytest.approx(i2t_k)
+    assert test.pr_curves_of(both) == E.cross_modal_pr_curves(
+        codes[id(q.image)], codes[id(q.text)], q.label
+    )
