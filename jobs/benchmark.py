@@ -28,27 +28,15 @@ def plain_loop_seconds(
     cfg: TrainConfig, epochs: int, threads: int, device: str = "cpu"
 ) -> list[float]:
     """Seconds per epoch of the same model, loss and optimizer in one process, no Ray, no eval."""
-    import numpy as np
     import torch
 
-    from feature_store import schema as S
-    from feature_store.store import open_dataset
-    from pipeline.data import feature_normalisation
-    from pipeline.step import build_model, compute_loss, seed_everything
+    from pipeline.inprocess import prepare_in_memory
+    from pipeline.step import compute_loss
 
     torch.set_num_threads(threads)
-    seed_everything(cfg.seed)
-    ds = open_dataset(cfg.dataset)
-    a = ds.read_arrays("train", [S.IMAGE, S.TEXT, S.LABEL])
-    dev = torch.device(device)
-    image = torch.as_tensor(a[S.IMAGE], dtype=torch.float32, device=dev)
-    text = torch.as_tensor(a[S.TEXT], dtype=torch.float32, device=dev)
-    label = torch.as_tensor(a[S.LABEL].astype(np.float32), device=dev)
-    model = build_model(cfg, ds.dims, ds.num_classes)
-    for m, (mean, scale) in feature_normalisation(ds).items():
-        model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
-    model.to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    run = prepare_in_memory(cfg, device)
+    cfg, image, text, label = run.cfg, run.image, run.text, run.label
+    model, opt, dev = run.model, run.optimizer, run.image.device
     out = []
     for epoch in range(epochs):
         if dev.type == "cuda":

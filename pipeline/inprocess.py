@@ -10,15 +10,17 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from feature_store import schema as S
-from feature_store.store import open_dataset
+from feature_store.store import DatasetVersion, open_dataset
 from pipeline.config import TrainConfig
 from pipeline.data import EvalProtocol, feature_normalisation
+from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.step import build_model, compute_loss, seed_everything, train_set_reliability
 from pipeline.train_loop import checkpoint_score, resolve_keep_rate
 from pipeline.weights import encode
@@ -39,8 +41,22 @@ def _evaluate(model: Any, protocol: EvalProtocol, batch_size: int) -> dict[str, 
         model.train()
 
 
-def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
-    """Train ``cfg`` on one device; return the run summary (test MAP at the best valid epoch)."""
+@dataclass
+class InMemoryRun:
+    """A run's config, data (NumPy and on-device tensors), model and optimizer in one process."""
+
+    cfg: TrainConfig
+    ds: DatasetVersion
+    arrays: dict[str, np.ndarray]
+    image: torch.Tensor
+    text: torch.Tensor
+    label: torch.Tensor
+    model: RSHNLModel
+    optimizer: torch.optim.Optimizer
+
+
+def prepare_in_memory(cfg: TrainConfig, device: str = "cpu") -> InMemoryRun:
+    """Seed, read the train split onto ``device`` and build the model and optimizer of ``cfg``."""
     cfg.validate()
     seed_everything(cfg.seed)
     dev = torch.device(device)
@@ -48,21 +64,33 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     if cfg.weighting == "small_loss" and not cfg.keep_rate:
         cfg = cfg.replace(keep_rate=resolve_keep_rate(ds.manifest))
     a = ds.read_arrays("train", [S.IMAGE, S.TEXT, S.LABEL])
-    image = torch.as_tensor(a[S.IMAGE], dtype=torch.float32, device=dev)
-    text = torch.as_tensor(a[S.TEXT], dtype=torch.float32, device=dev)
-    label = torch.as_tensor(a[S.LABEL].astype(np.float32), device=dev)
     model = build_model(cfg, ds.dims, ds.num_classes)
     if cfg.feature_norm == "standardize":
         for m, (mean, scale) in feature_normalisation(ds).items():
             model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
     if cfg.centers != "learned" and cfg.method == "rshnl":
-        from pipeline.model import fixed_centers
-
         model.center_net.centers.copy_(
             fixed_centers(cfg.centers, ds.num_classes, cfg.bits, cfg.seed)
         )
     model.to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return InMemoryRun(
+        cfg=cfg,
+        ds=ds,
+        arrays=a,
+        image=torch.as_tensor(a[S.IMAGE], dtype=torch.float32, device=dev),
+        text=torch.as_tensor(a[S.TEXT], dtype=torch.float32, device=dev),
+        label=torch.as_tensor(a[S.LABEL].astype(np.float32), device=dev),
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+    )
+
+
+def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
+    """Train ``cfg`` on one device; return the run summary (test MAP at the best valid epoch)."""
+    run = prepare_in_memory(cfg, device)
+    cfg, ds, a, model, opt = run.cfg, run.ds, run.arrays, run.model, run.optimizer
+    image, text, label = run.image, run.text, run.label
+    dev = torch.device(device)
     valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     best_score, best_state, best_valid, best_epoch = -1.0, None, {}, 0

@@ -142,3 +142,11 @@ def test_fingerprints_recorded_before_a_new_key_still_match():
     assert fingerprint_diff(old, new) == []
     assert fingerprint_diff(old, {**new, "weight_decay": 0.1}) == ["weight_decay"]
     assert fingerprint_diff({**old, "epochs": 3}, new) == ["epochs"]
+
+
+def test_plain_loop_benchmark_times_every_epoch(tiny_clean):
+    from jobs.benchmark import plain_loop_seconds
+
+    cfg = TrainConfig(dataset=tiny_clean, bits=16, hidden_dim=32, batch_size=64)
+    secs = plain_loop_seconds(cfg.replace(weighting="small_loss"), epochs=2, threads=1)
+    assert len(secs) == 2 and all(s > 0 for s in secs)
