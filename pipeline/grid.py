@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from feature_store.store import list_versions, open_dataset, write_noisy_copy
 from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.methods import METHODS, apply_method
 
 log = logging.getLogger(__name__)
@@ -209,18 +209,6 @@ def _run_cell(cfg_dict: dict[str, Any], parent_run_id: str, keep: bool) -> dict[
     }
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _grid_info(spec: GridSpec, out: Path, tracking_uri: str, data_version: str) -> dict[str, Any]:
     """The grid's name and parent MLflow run, created on the first invocation."""
     info_path = out / GRID_INFO
@@ -235,7 +223,7 @@ def _grid_info(spec: GridSpec, out: Path, tracking_uri: str, data_version: str) 
     name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
     if not spec.tracking:
         info = {"name": name, "parent_run_id": "", "base_data_version": data_version}
-        _write_json(info_path, info)
+        write_json_atomic(info_path, info)
         return info
     params = {f"base.{k}": v for k, v in spec.base.to_dict().items() if k != "dataset"}
     params.update(
@@ -255,7 +243,7 @@ def _grid_info(spec: GridSpec, out: Path, tracking_uri: str, data_version: str) 
         {"grid": name, "data_version": data_version, **tracking.code_version()},
     )
     info = {"name": name, "parent_run_id": run_id, "base_data_version": data_version}
-    _write_json(info_path, info)
+    write_json_atomic(info_path, info)
     return info
 
 
@@ -389,7 +377,7 @@ def _finish_cell(
         "fingerprint": fingerprint(cfg),
         **result,
     }
-    _write_json(out / "cells" / f"{cell.id}.json", record)
+    write_json_atomic(out / "cells" / f"{cell.id}.json", record)
     log.info(
         "cell %d/%d %s: test MAP i2t %.4f t2i %.4f (best epoch %d, %.2f s/epoch)",
         n_done,
@@ -524,6 +512,6 @@ def format_csv(records: list[dict[str, Any]]) -> str:
 
 def write_tables(spec: GridSpec, out: Path) -> list[dict[str, Any]]:
     records = load_records(spec, out)
-    _write_text(out / "table.md", format_markdown(spec, records))
-    _write_text(out / "cells.csv", format_csv(records))
+    write_text_atomic(out / "table.md", format_markdown(spec, records))
+    write_text_atomic(out / "cells.csv", format_csv(records))
     return records
