@@ -10,14 +10,6 @@ from feature_store.errors import FeatureStoreError
 from pipeline.files import write_json_atomic as write_json_atomic  # re-exported for the jobs
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-__all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "run_main",
-    "setup_logging",
-    "write_json_atomic",
-]
 log = logging.getLogger("jobs")
 
 
