@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from synthetic_util import write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 WIKI_MAT = Path(
@@ -20,46 +21,26 @@ def wiki_mat() -> Path:
     return WIKI_MAT
 
 
+_TINY = {
+    "num_classes": 6,
+    "counts": {"train": 192, "valid": 48, "test": 48},
+    "image_dim": 24,
+    "text_dim": 16,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small noisy synthetic dataset (single-label, 6 classes)."""
-    from feature_store.noise import apply_noise
-    from feature_store.store import write_dataset
-    from feature_store.synthetic import generate
-
-    splits, meta = generate(
-        num_classes=6,
-        counts={"train": 192, "valid": 48, "test": 48},
-        image_dim=24,
-        text_dim=16,
-        seed=3,
-    )
-    noise = apply_noise(splits["train"], "symmetric", 0.4, seed=1)
-    store = tmp_path_factory.mktemp("store")
-    return write_dataset(
-        str(store), "tiny", splits, source=meta["source"], noise=noise, protocol=meta["protocol"]
+    return write_synthetic(
+        tmp_path_factory.mktemp("store"), "tiny", noise=("symmetric", 0.4, 1), seed=3, **_TINY
     )
 
 
 @pytest.fixture(scope="session")
 def tiny_clean(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small clean synthetic dataset (single-label, 6 classes) for making noisy copies of."""
-    from feature_store.noise import apply_noise
-    from feature_store.store import write_dataset
-    from feature_store.synthetic import generate
-
-    splits, meta = generate(
-        num_classes=6,
-        counts={"train": 192, "valid": 48, "test": 48},
-        image_dim=24,
-        text_dim=16,
-        seed=4,
-    )
-    noise = apply_noise(splits["train"], "none", 0.0, seed=0)
-    store = tmp_path_factory.mktemp("clean-store")
-    return write_dataset(
-        str(store), "clean", splits, source=meta["source"], noise=noise, protocol=meta["protocol"]
-    )
+    return write_synthetic(tmp_path_factory.mktemp("clean-store"), "clean", seed=4, **_TINY)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from gloo_util import finish_worker
+from synthetic_util import write_synthetic
 
 from pipeline.config import TrainConfig
 from pipeline.model import RSHNLModel
@@ -91,25 +92,10 @@ def test_warmup_ignores_weights():
 
 @pytest.fixture(scope="module")
 def multilabel_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from feature_store.noise import apply_noise
-    from feature_store.store import write_dataset
-    from feature_store.synthetic import generate
-
-    splits, meta = generate(
-        num_classes=8,
-        counts={"train": 160, "valid": 40, "query": 30, "database": 120},
-        image_dim=12,
-        text_dim=10,
-        label_kind="multi",
-        max_labels=3,
-        difficulty=0.1,
-        seed=5,
-    )
-    noise = apply_noise(splits["train"], "multilabel", 0.5, seed=1)
-    store = tmp_path_factory.mktemp("ml-store")
-    return write_dataset(
-        str(store), "ml", splits, source=meta["source"], noise=noise, label_kind="multi",
-        protocol=meta["protocol"],
+    return write_synthetic(
+        tmp_path_factory.mktemp("ml-store"), "ml", noise=("multilabel", 0.5, 1), num_classes=8,
+        counts={"train": 160, "valid": 40, "query": 30, "database": 120}, image_dim=12,
+        text_dim=10, label_kind="multi", max_labels=3, difficulty=0.1, seed=5,
     )  # fmt: skip
 
 
