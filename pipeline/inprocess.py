@@ -22,8 +22,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import EvalProtocol, feature_normalisation
 from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.step import build_model, compute_loss, seed_everything, train_set_reliability
-from pipeline.train_loop import checkpoint_score, resolve_keep_rate
-from pipeline.weights import encode
+from pipeline.train_loop import checkpoint_score, evaluate_split, resolve_keep_rate
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +30,6 @@ log = logging.getLogger(__name__)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _evaluate(model: Any, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
-    model.eval()
-    try:
-        return protocol.evaluate(lambda x, m: encode(model, x, m, batch_size))
-    finally:
-        model.train()
 
 
 @dataclass
@@ -113,7 +104,7 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
         _sync(dev)
         train_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        vmap = _evaluate(model, valid, cfg.eval_batch_size)
+        vmap = evaluate_split(model, valid, cfg.eval_batch_size)
         eval_s.append(time.perf_counter() - t0)
         score = checkpoint_score(vmap["mean"], epoch + 1)
         if score > best_score:
@@ -132,7 +123,8 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     assert best_state is not None
     model.load_state_dict(best_state)
     t0 = time.perf_counter()
-    test_map = _evaluate(model, EvalProtocol.load(ds, "test", cfg.eval_top_k), cfg.eval_batch_size)
+    test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
+    test_map = evaluate_split(model, test, cfg.eval_batch_size)
     test_eval = time.perf_counter() - t0
     steady = train_s[1:] or train_s
     return {
