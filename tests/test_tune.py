@@ -43,7 +43,7 @@ def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
         dataset=tiny_dataset,
         bits=16,
         hidden_dim=32,
-        epochs=2,
+        epochs=4,  # ASHA rungs at epochs 1 and 2: two chances to stop a trial, not one
         batch_size=48,
         lr=1e-3,
         workers=1,
