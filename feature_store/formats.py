@@ -37,7 +37,7 @@ import numpy as np
 
 from feature_store import schema as S
 from feature_store.errors import FeatureStoreError
-from feature_store.matfile import MatFile
+from feature_store.matfile import MatFile, v5_read_errors, v5_reason
 from feature_store.plan import ArrayFeatures, ImportPlan, SplitPlan, carve
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,43 @@ def resolve_label_base(values: list[np.ndarray], label_base: str | int) -> int:
         raise FeatureStoreError(f"label base '{label_base}' must be 0, 1 or auto")
     lo = min((int(v.min()) for v in values if v.size), default=0)
     return 1 if lo == 1 else 0
+
+
+def _first_row(labels: Any, value: int) -> int:
+    """The first row holding ``value`` (-1 if none) of a class vector or a list of class lists."""
+    if isinstance(labels, np.ndarray):
+        hit = np.flatnonzero(labels == value)
+        return int(hit[0]) if hit.size else -1
+    return next((r for r, a in enumerate(labels) if (a == value).any()), -1)
+
+
+def infer_num_classes(parts: list[tuple[str, Any]], base: int) -> int:
+    """K from class numbers used without --num-classes; refuses a gap in ``base..base+K-1``.
+
+    ``parts`` holds (where, labels) with labels a 1-D integer array (one class per row) or a list
+    of integer arrays (class lists per row). A gap usually means a stray label (e.g. one 99 among
+    classes 0..5), which would otherwise silently add classes no item has.
+    """
+    flat = [
+        v if isinstance(v, np.ndarray) else np.concatenate([*v, np.zeros(0, np.int64)])
+        for _, v in parts
+    ]
+    used = np.unique(np.concatenate([*flat, np.zeros(0, np.int64)]))
+    used = used[used >= base]  # below the base is refused later, with its row
+    if not used.size:
+        return 1
+    k = int(used[-1]) - base + 1
+    if used.size == k:
+        return k
+    first_gap = int(np.setdiff1d(np.arange(base, base + k), used)[0])
+    stray = int(used[used > first_gap][0])
+    where, row = next((w, _first_row(v, stray)) for w, v in parts if _first_row(v, stray) >= 0)
+    below = f"{base}..{first_gap - 1}" if first_gap > base else "none"
+    raise FeatureStoreError(
+        f"{where} row {row} has label {stray}, but no item has class {first_gap} (classes "
+        f"below it: {below}, label base {base}); class numbers must run from {base} without "
+        "gaps: fix the label, or pass --num-classes K (and --label-base) to declare the classes"
+    )
 
 
 def one_hot(idx: np.ndarray, *, base: int, num_classes: int, where: str) -> np.ndarray:
@@ -157,10 +194,7 @@ def _labels_of(
             )
         idx[s] = i
     base = resolve_label_base(list(idx.values()), label_base)
-    k = num_classes
-    if k is None:
-        k = max(int(v.max()) for v in idx.values() if v.size) - base + 1
-        k = max(k, 1)
+    k = num_classes or infer_num_classes([(where[s], i) for s, i in idx.items()], base)
     out = {s: one_hot(i, base=base, num_classes=k, where=where[s]) for s, i in idx.items()}
     return out, {"label_base": base, "label_format": "class-index"}
 
@@ -215,13 +249,12 @@ def plan_wiki_mat(path: str | Path, *, valid_from_test: int = WIKI_VALID_FROM_TE
     if not path.is_file():
         raise FeatureStoreError(f"input file '{path}' does not exist")
     import scipy.io as sio
-    from scipy.io.matlab import MatReadError
 
     try:
         mat = sio.loadmat(str(path))
-    except (MatReadError, ValueError, OSError, TypeError, NotImplementedError) as e:
+    except v5_read_errors() as e:
         raise FeatureStoreError(
-            f"'{path}' is not a readable MATLAB v5 .mat file ({e}); "
+            f"'{path}' is not a readable MATLAB v5 .mat file ({v5_reason(e, path)}); "
             "v7.3 files are HDF5 and need the HDF5 importer"
         ) from e
     if "data" not in mat:

@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+def v5_read_errors() -> tuple[type[BaseException], ...]:
+    """What SciPy raises on a damaged or truncated v5 file (a file cut inside its 128-byte header
+    fails with IndexError, a cut stream with EOFError)."""
+    from scipy.io.matlab import MatReadError
+
+    return (MatReadError, ValueError, OSError, TypeError, NotImplementedError, IndexError, EOFError)
+
+
+def v5_reason(e: BaseException, path: Path) -> str:
+    """A short reason for a v5 read error; a cut file is named as truncated with its size."""
+    if isinstance(e, IndexError | EOFError):
+        size = path.stat().st_size if path.is_file() else 0
+        return f"truncated: {size} bytes"
+    return str(e)
+
+
 def is_hdf5(path: Path) -> bool:
     """Whether the file starts (at byte 0 or after MATLAB's 512-byte header) as HDF5."""
     with open(path, "rb") as f:
@@ -82,13 +98,13 @@ class MatFile:
             self._names = sorted(k for k in self._h5.keys() if not k.startswith("#"))
         else:
             import scipy.io as sio
-            from scipy.io.matlab import MatReadError
 
             try:
                 self._names = sorted(n for n, _, _ in sio.whosmat(str(self.path)))
-            except (MatReadError, ValueError, OSError, TypeError, NotImplementedError) as e:
+            except v5_read_errors() as e:
                 raise FeatureStoreError(
-                    f"'{self.path}' is not a readable MATLAB .mat file ({e}); v7.3 files must "
+                    f"'{self.path}' is not a readable MATLAB .mat file "
+                    f"({v5_reason(e, self.path)}); v7.3 files must "
                     "be HDF5, other files need the matching importer"
                 ) from e
             self._matlab = True
@@ -110,16 +126,15 @@ class MatFile:
             )
         if self._h5 is None:
             import scipy.io as sio
-            from scipy.io.matlab import MatReadError
 
             wanted = [n for n in names if n not in self._v5]
             if wanted:
                 try:
                     self._v5.update(sio.loadmat(str(self.path), variable_names=wanted))
-                except (MatReadError, ValueError, OSError, TypeError) as e:
+                except v5_read_errors() as e:
                     raise FeatureStoreError(
-                        f"'{self.path}' cannot be read ({e}); the .mat file is truncated or "
-                        "damaged, re-download or re-export it"
+                        f"'{self.path}' cannot be read ({v5_reason(e, self.path)}); the .mat "
+                        "file is truncated or damaged, re-download or re-export it"
                     ) from e
         else:
             for n in names:

@@ -32,7 +32,13 @@ import pyarrow.compute as pc
 
 from feature_store import schema as S
 from feature_store.errors import FeatureStoreError
-from feature_store.formats import _as_indices, file_sha256, one_hot, resolve_label_base
+from feature_store.formats import (
+    _as_indices,
+    file_sha256,
+    infer_num_classes,
+    one_hot,
+    resolve_label_base,
+)
 from feature_store.plan import Features, ImportPlan, SplitPlan, carve
 
 log = logging.getLogger(__name__)
@@ -565,6 +571,11 @@ def plan_plain(
         raise FeatureStoreError(
             f"the inputs' label columns differ in format ({sorted(kinds)}); use one format"
         )
+    if not per_split:
+        raise FeatureStoreError(
+            f"{', '.join(repr(str(p)) for _, p in files)} has no data rows (only a header?); "
+            "an import needs items"
+        )
     kind = kinds.pop()
 
     # the label space
@@ -581,7 +592,8 @@ def plan_plain(
             for _, _, r, _, _ in parts
         ]
         base = resolve_label_base(flat, label_base)
-        k = num_classes or max(max((int(f.max()) for f in flat if f.size), default=0) - base + 1, 1)
+        labelled = {id(r): (w, r) for parts in per_split.values() for _, _, r, w, _ in parts}
+        k = num_classes or infer_num_classes(list(labelled.values()), base)
 
     # assemble splits
     splits: dict[str, SplitPlan] = {}

@@ -25,6 +25,7 @@ of version; ``split_uri`` gives a single file's URI and refuses a split that has
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -58,6 +59,8 @@ CLAIM = ".writing"
 TARGET_ROW_GROUP_BYTES = 64 << 20
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TMP_RE = re.compile(r"^\.v\d+\.tmp-[0-9a-f]{8}$")  # a local write in progress (or a killed one)
+DEFAULT_GC_HOURS = 24.0
 
 
 def row_group_rows(image_dim: int, text_dim: int, num_classes: int) -> int:
@@ -119,6 +122,34 @@ def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+
+def _raise_write_error(e: OSError, loc: Location) -> None:
+    """Raise a one-line FeatureStoreError for a local store that cannot be written (else return)."""
+    if loc.is_s3 or e.errno not in _NOT_WRITABLE:
+        return
+    where = f": '{e.filename}'" if e.filename else ""
+    raise FeatureStoreError(
+        f"store '{loc.uri}' is not writable ({os.strerror(e.errno)}{where}); pass a --store "
+        "you may write to"
+    ) from e
+
+
+def _check_local_target(loc: Location, dataset_path: str) -> None:
+    """Refuse a local dataset directory under a file or in a place that cannot be written."""
+    probe = Path(dataset_path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FeatureStoreError(f"store '{loc.uri}': '{probe}' is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FeatureStoreError(
+            f"store '{loc.uri}' is not writable (no write permission on '{probe}', or a "
+            "read-only filesystem); pass a --store you may write to"
+        )
+
+
 def check_target(store: str, name: str, version: int | None = None) -> Location:
     """Refuse a bad dataset name, an unreachable store or an existing version, before any work."""
     if not _NAME_RE.match(name):
@@ -130,6 +161,8 @@ def check_target(store: str, name: str, version: int | None = None) -> Location:
     loc = resolve(store)
     if loc.is_s3:
         check_s3_access(loc, "write to")
+    else:
+        _check_local_target(loc, loc.child(name).path)
     if version is not None:
         final = loc.child(name, f"v{version}")
         try:
@@ -141,8 +174,6 @@ def check_target(store: str, name: str, version: int | None = None) -> Location:
                 f"version {final.uri} already exists; versions are immutable, write a new one "
                 "(omit --version) or choose another name"
             )
-    elif not loc.is_s3 and Path(loc.path).exists() and not Path(loc.path).is_dir():
-        raise FeatureStoreError(f"store '{store}' is a file, not a directory")
     return loc
 
 
@@ -170,13 +201,18 @@ class _Staging:
             self.dir = self.final.path
             self._claim()
         else:
-            for p in reversed([Path(self.dataset.path), *Path(self.dataset.path).parents]):
-                if not p.exists():
-                    p.mkdir()
-                    self._created.append(p)
             tmp = f".v{self.number}.tmp-{uuid.uuid4().hex[:8]}"
             self.dir = self.dataset.child(tmp).path
-            os.mkdir(self.dir)
+            try:
+                for p in reversed([Path(self.dataset.path), *Path(self.dataset.path).parents]):
+                    if not p.exists():
+                        p.mkdir()
+                        self._created.append(p)
+                os.mkdir(self.dir)
+            except OSError as e:
+                self.abort()
+                _raise_write_error(e, store)
+                raise
 
     def _key(self, fname: str) -> str:
         return posixpath.join(self.final.key, fname)
@@ -398,6 +434,8 @@ def write_version(
         staging.abort()
         if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
             raise s3_error(e, loc, "write to") from e
+        if isinstance(e, OSError):
+            _raise_write_error(e, loc)
         raise
     log.info("wrote dataset %s/v%d %s", name, staging.number, manifest["counts"])
     return uri
@@ -525,17 +563,102 @@ def write_noisy_copy(
         staging.abort()
         if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
             raise s3_error(e, loc, "write to") from e
+        if isinstance(e, OSError):
+            _raise_write_error(e, loc)
         raise
     log.info("wrote noisy copy %s/v%d of %s: %s", name, staging.number, base.data_version, spec)
     return uri
 
 
-def list_versions(store: str, name: str | None = None) -> list[dict[str, Any]]:
-    """Summaries of the complete versions in a store (or of one dataset), oldest first."""
+def manifest_problem(m: Any) -> str | None:
+    """Why a parsed manifest cannot describe a version (None when it can)."""
+    if not isinstance(m, dict):
+        return f"{MANIFEST} holds a JSON {type(m).__name__}, not an object"
+    if m.get("format") not in READABLE_FORMATS:
+        return f"format {m.get('format')!r}, expected one of {list(READABLE_FORMATS)}"
+    for key, typ in (("files", dict), ("counts", dict), ("dims", dict), ("num_classes", int)):
+        if not isinstance(m.get(key), typ):
+            got = "missing" if key not in m else f"a {type(m[key]).__name__}"
+            return f"key '{key}' is {got}, expected a {typ.__name__}"
+    splits = m.get("splits") or list(m["counts"])
+    unknown = [sp for sp in splits if sp not in m["counts"]]
+    if unknown:
+        return f"splits {unknown} have no count"
+    return None
+
+
+def _read_manifest(fs: pafs.FileSystem, mpath: str) -> dict[str, Any]:
+    """A version's manifest; FeatureStoreError (naming the file and why) when it is unusable."""
+    with fs.open_input_stream(mpath) as f:
+        raw = f.read()
+    try:
+        m = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureStoreError(f"{mpath} is not valid JSON ({e})") from e
+    problem = manifest_problem(m)
+    if problem:
+        raise FeatureStoreError(f"{mpath}: {problem}")
+    return m
+
+
+def _stale_write(
+    fs: pafs.FileSystem, info: pafs.FileInfo, uri: str, dataset: str, kind: str
+) -> dict[str, Any]:
+    """Size and last activity (newest mtime of anything inside) of an uncommitted write."""
+    size, newest = 0, info.mtime.timestamp() if info.mtime else 0.0
+    for f in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
+        if f.type == pafs.FileType.File:
+            size += f.size or 0
+        if f.mtime is not None:
+            newest = max(newest, f.mtime.timestamp())
+    age = max(dt.datetime.now(dt.UTC).timestamp() - newest, 0.0) if newest else None
+    return {
+        "name": dataset,
+        "uri": uri,
+        "path": info.path,
+        "kind": kind,
+        "bytes": size,
+        "age_hours": None if age is None else age / 3600,
+    }
+
+
+@dataclass
+class StoreScan:
+    """What a store holds: readable versions, versions that cannot be read, unfinished writes."""
+
+    versions: list[dict[str, Any]]
+    unreadable: list[dict[str, Any]]
+    stale: list[dict[str, Any]]
+
+
+def _summary(ds: str, number: int, uri: str, m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": ds,
+        "version": number,
+        "uri": uri,
+        "label_kind": m.get("label_kind", S.SINGLE),
+        "counts": {s: m["counts"][s] for s in (m.get("splits") or m.get("counts", {}))},
+        "noise": {key: (m.get("noise") or {}).get(key) for key in ("mode", "rate", "seed")},
+        "base": (m.get("base") or {}).get("data_version"),
+        "created_at": m.get("created_at"),
+    }
+
+
+def scan_store(store: str, name: str | None = None) -> StoreScan:
+    """Every version of a store (or of one dataset), oldest first, and the debris around them.
+
+    ``unreadable``: versions whose manifest is missing or unusable (name, version, uri, reason).
+    ``stale``: uncommitted writes that a killed writer left behind (name, uri, path, kind, bytes,
+    age_hours): local ``NAME/.vN.tmp-*`` directories and S3 ``vN/`` prefixes holding a claim but
+    no manifest. :func:`collect_garbage` removes the old ones.
+    """
     loc = resolve(store)
     if loc.is_s3:
         check_s3_access(loc, "list")
+    elif Path(loc.path).exists() and not Path(loc.path).is_dir():
+        raise FeatureStoreError(f"store '{store}' is a file, not a directory")
     fs = loc.fs
+    scan = StoreScan([], [], [])
     try:
         if name is not None:
             names = [name]
@@ -546,34 +669,91 @@ def list_versions(store: str, name: str | None = None) -> list[dict[str, Any]]:
                 for i in infos
                 if i.type == pafs.FileType.Directory and _NAME_RE.match(i.base_name)
             )
-        out = []
         for ds in names:
-            for number, path in sorted(_versions(fs, loc.child(ds).path).items()):
+            dpath = loc.child(ds).path
+            entries = fs.get_file_info(pafs.FileSelector(dpath, allow_not_found=True))
+            for info in sorted(entries, key=lambda i: i.base_name):
+                if info.type == pafs.FileType.Directory and _TMP_RE.match(info.base_name):
+                    uri = loc.child(ds, info.base_name).uri
+                    scan.stale.append(_stale_write(fs, info, uri, ds, "temporary directory"))
+            for number, path in sorted(_versions(fs, dpath).items()):
+                uri = loc.child(ds, f"v{number}").uri
                 mpath = posixpath.join(path, MANIFEST)
                 if not _exists(fs, mpath):
-                    log.warning("%s/v%d has no manifest: an incomplete write, skipped", ds, number)
+                    if loc.is_s3 and _exists(fs, posixpath.join(path, CLAIM)):
+                        info = fs.get_file_info(path)
+                        scan.stale.append(_stale_write(fs, info, uri, ds, "uncommitted version"))
+                        continue
+                    reason = f"no {MANIFEST} (an incomplete write)"
+                    scan.unreadable.append(
+                        {"name": ds, "version": number, "uri": uri, "reason": reason}
+                    )
                     continue
-                with fs.open_input_stream(mpath) as f:
-                    m = json.loads(f.read().decode())
-                out.append(
-                    {
-                        "name": ds,
-                        "version": number,
-                        "uri": loc.child(ds, f"v{number}").uri,
-                        "label_kind": m.get("label_kind", S.SINGLE),
-                        "counts": {
-                            s: m["counts"][s] for s in (m.get("splits") or m.get("counts", {}))
-                        },
-                        "noise": {
-                            key: m.get("noise", {}).get(key) for key in ("mode", "rate", "seed")
-                        },
-                        "base": (m.get("base") or {}).get("data_version"),
-                        "created_at": m.get("created_at"),
-                    }
-                )
+                try:
+                    m = _read_manifest(fs, mpath)
+                except FeatureStoreError as e:
+                    reason = str(e).removeprefix(path + "/")
+                    scan.unreadable.append(
+                        {"name": ds, "version": number, "uri": uri, "reason": reason}
+                    )
+                    continue
+                scan.versions.append(_summary(ds, number, uri, m))
     except OSError as e:
         raise s3_error(e, loc, "list") from e
-    return out
+    return scan
+
+
+def list_versions(store: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Summaries of the readable versions in a store (or of one dataset), oldest first.
+
+    Versions that cannot be read are skipped with a warning naming each and why.
+    """
+    scan = scan_store(store, name)
+    for u in scan.unreadable:
+        log.warning("%s/v%d cannot be read, skipped: %s", u["name"], u["version"], u["reason"])
+    return scan.versions
+
+
+def collect_garbage(
+    store: str,
+    *,
+    older_than_hours: float = DEFAULT_GC_HOURS,
+    dry_run: bool = False,
+    name: str | None = None,
+) -> list[dict[str, Any]]:
+    """Remove uncommitted writes (see :func:`scan_store`) idle for longer than the grace period.
+
+    Only the store's own leftovers are touched: ``.vN.tmp-*`` directories and, on S3, claimed
+    ``vN/`` prefixes without a manifest. Versions, readable or not, are never removed. Returns
+    the entries removed (or, with ``dry_run``, those that would be).
+    """
+    if not older_than_hours >= 0:
+        raise FeatureStoreError(f"--older-than {older_than_hours} must be >= 0 hours")
+    loc = resolve(store)
+    removed = []
+    for st in scan_store(store, name).stale:
+        age = st["age_hours"]
+        if age is None or age < older_than_hours:
+            log.info("kept %s: idle %.1f h, under %.1f h", st["uri"], age or 0.0, older_than_hours)
+            continue
+        if not dry_run:
+            try:
+                loc.fs.delete_dir(st["path"])
+            except OSError as e:
+                if loc.is_s3:
+                    raise s3_error(e, loc, "write to") from e
+                _raise_write_error(e, loc)
+                raise
+        removed.append(st)
+        log.info(
+            "%s %s (%s, %d bytes, idle %.1f h)",
+            "would remove" if dry_run else "removed",
+            st["uri"],
+            st["kind"],
+            st["bytes"],
+            age,
+        )
+    return removed
 
 
 @dataclass
@@ -830,15 +1010,14 @@ def open_dataset(uri: str, *, verify: bool = True) -> DatasetVersion:
             f"dataset '{uri}' has no {MANIFEST}" + _dataset_hint(fs, path, loc.uri)
         )
     with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-        try:
-            manifest = json.loads(f.read().decode())
-        except json.JSONDecodeError as e:
-            raise FeatureStoreError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from e
-    if manifest.get("format") not in READABLE_FORMATS:
-        raise FeatureStoreError(
-            f"{uri}/{MANIFEST}: format {manifest.get('format')!r}, expected one of "
-            f"{list(READABLE_FORMATS)}"
-        )
+        raw = f.read()
+    try:
+        manifest = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureStoreError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from e
+    problem = manifest_problem(manifest)
+    if problem:
+        raise FeatureStoreError(f"{uri}/{MANIFEST}: {problem}")
     ds = DatasetVersion(uri=loc.uri, manifest=manifest, _fs=fs, _path=path)
     for fname, meta in manifest["files"].items():
         fpath = ds.file_path(fname)

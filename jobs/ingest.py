@@ -1,4 +1,4 @@
-"""Import features into the feature store as a new dataset version, or list and show versions.
+"""Import features into the feature store as a new dataset version; list, show and clean up.
 
 STORE is a local directory or s3://bucket/prefix (endpoint, region and credentials come from the
 standard AWS environment variables). Importing commands print the URI of the written version as
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import threading
 from typing import Any
 
 from feature_store import schema as S
@@ -18,9 +20,11 @@ from feature_store.errors import FeatureStoreError
 from feature_store.noise import NOISE_MODES, parse_flip_map
 from feature_store.plan import ImportPlan
 from feature_store.store import (
+    DEFAULT_GC_HOURS,
     check_target,
-    list_versions,
+    collect_garbage,
     open_dataset,
+    scan_store,
     write_noisy_copy,
     write_version,
 )
@@ -224,10 +228,31 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--version", type=int, default=None)
     _noise_args(n)
 
-    ls = sub.add_parser("list", help="list the versions in a store")
+    ls = sub.add_parser(
+        "list",
+        help="list the versions in a store; unreadable versions and unfinished writes are "
+        "reported on stderr",
+    )
     ls.add_argument("store")
     ls.add_argument("--name", default=None, help="only this dataset")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    gc = sub.add_parser(
+        "gc",
+        help="remove unfinished writes (a killed writer's .vN.tmp-* directories; on S3, claimed "
+        "versions without a manifest) idle for longer than a grace period",
+    )
+    gc.add_argument("store")
+    gc.add_argument("--name", default=None, help="only this dataset")
+    gc.add_argument(
+        "--older-than",
+        type=float,
+        default=DEFAULT_GC_HOURS,
+        metavar="HOURS",
+        help=f"grace period: keep writes active within this many hours (default "
+        f"{DEFAULT_GC_HOURS:g}; a write still in progress is active)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="only report what would be removed")
 
     sh = sub.add_parser("show", help="print a version's manifest after verifying it")
     sh.add_argument("uri")
@@ -327,7 +352,22 @@ def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
         )
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds like an error, so a partial version is removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ingest command; returns the exit code (SIGTERM removes a partial write first)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     if args.command == "show":
@@ -335,10 +375,29 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(ds.manifest, indent=2, sort_keys=True))
         return EXIT_OK
     if args.command == "list":
-        rows = list_versions(args.store, args.name)
-        if not rows:
+        scan = scan_store(args.store, args.name)
+        if not scan.versions:
             log.info("no versions in %s", args.store)
-        _print_versions(rows, args.json)
+        _print_versions(scan.versions, args.json)
+        for u in scan.unreadable:
+            log.warning("unreadable version %s: %s", u["uri"], u["reason"])
+        for st in scan.stale:
+            log.warning(
+                "unfinished write %s (%s, %d bytes, idle %.1f h); `python -m jobs.ingest gc` "
+                "removes it once idle for longer than the grace period",
+                st["uri"],
+                st["kind"],
+                st["bytes"],
+                st["age_hours"] or 0.0,
+            )
+        return EXIT_OK
+    if args.command == "gc":
+        removed = collect_garbage(
+            args.store, older_than_hours=args.older_than, dry_run=args.dry_run, name=args.name
+        )
+        total = sum(r["bytes"] for r in removed)
+        verb = "would remove" if args.dry_run else "removed"
+        log.info("%s %d unfinished write(s), %d bytes", verb, len(removed), total)
         return EXIT_OK
     if args.command == "noise":
         uri = write_noisy_copy(

@@ -198,28 +198,50 @@ def encode_split(
     )
 
 
-def encode_file(model: PulledModel, path: str, modality: str, limit: int | None) -> Side:
-    """Encode query features from a .npy file of shape (n, d)."""
+def load_query_file(path: str, dim: int, modality: str, limit: int | None) -> np.ndarray:
+    """Query features from a .npy file: a non-empty (n, ``dim``) array of finite real numbers."""
     p = Path(path)
     if not p.is_file():
         raise PullError(f"--queries {path}: no such file")
+    if p.stat().st_size == 0:
+        raise PullError(f"--queries {path}: the file is empty (0 bytes), not a NumPy .npy array")
     try:
         x = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise PullError(f"--queries {path}: not a NumPy .npy array ({e})") from e
-    if x.ndim != 2 or x.shape[1] != model.dim(modality):
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        raise PullError(f"--queries {path}: an .npz archive, expected one .npy array")
+    if x.ndim != 2 or x.shape[1] != dim:
         raise PullError(
             f"--queries {path}: features of shape {x.shape}, but the model's {modality} head "
-            f"expects (n, {model.dim(modality)})"
+            f"expects (n, {dim})"
         )
-    if not np.issubdtype(x.dtype, np.number):
-        raise PullError(f"--queries {path}: dtype {x.dtype} is not numeric")
+    if x.dtype.kind not in "iuf":
+        raise PullError(
+            f"--queries {path}: dtype {x.dtype} is not real numbers (integer or float features)"
+        )
+    if x.shape[0] == 0:
+        raise PullError(f"--queries {path}: holds no queries (shape {x.shape})")
     if limit is not None:
         x = x[:limit]
+    with np.errstate(over="ignore"):  # reported below with its row and column
+        x32 = x.astype(np.float32)
+    for a, why in ((x, "query features must be finite"), (x32, "beyond the float32 range")):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            row, col = (int(v) for v in np.argwhere(bad)[0])
+            raise PullError(
+                f"--queries {path}: row {row} column {col} is {x[row, col].item()!r}; {why}"
+            )
+    return x32
+
+
+def encode_features(model: PulledModel, x: np.ndarray, source: str, modality: str) -> Side:
+    """Encode checked query features (see :func:`load_query_file`)."""
     t0 = time.perf_counter()
-    codes = model.encode(x.astype(np.float32), modality) if len(x) else x[:, :0]
+    codes = model.encode(x, modality) if len(x) else x[:, :0]
     return Side(
-        source=str(p),
+        source=str(source),
         modality=modality,
         ids=np.arange(len(x), dtype=np.int64),
         codes=codes,
@@ -372,10 +394,13 @@ def run_pull(args: argparse.Namespace) -> dict[str, Any]:
     db_split = args.db_split or ("database" if "database" in splits else "test")
     query_split = args.query_split or ("query" if "query" in splits else "test")
 
+    query_x = None
+    if args.queries:  # checked before any encoding
+        query_x = load_query_file(args.queries, model.dim(q_mod), q_mod, args.max_queries)
     db = encode_split(model, ds, db_split, args.db_modality, label_column=args.labels)
     log.info("encoded %d %s items of %s in %.2fs", len(db.ids), db.modality, db.source, db.seconds)
-    if args.queries:
-        queries = encode_file(model, args.queries, q_mod, args.max_queries)
+    if query_x is not None:
+        queries = encode_features(model, query_x, args.queries, q_mod)
     else:
         queries = encode_split(
             model, ds, query_split, q_mod, label_column=args.labels, limit=args.max_queries

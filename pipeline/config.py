@@ -16,6 +16,7 @@ from pipeline.losses import ell_max
 log = logging.getLogger(__name__)
 
 NUM_MODALITIES = 2
+MAX_BITS = 4096  # widest code: the default hidden width of the hash heads
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,8 @@ class TrainConfig:
     hidden_dim: int = 4096
     feature_norm: str = "standardize"  # "standardize" (train-split mean/std) or "none"
     # objective (Eq 2–12)
-    gamma: float = 3.0  # learning pace γ of Eq 8/12, must satisfy 0 < γ (< ℓmax, Eq 14)
+    gamma: float = 3.0  # learning pace γ of Eq 8/12, must satisfy 0 < γ < ℓmax (Eq 14)
+    allow_gamma_above_ell_max: bool = False  # γ ≥ ℓmax keeps every pair (RSHNL-D does so)
     alpha: float = 0.05  # weight of L_C in Eq 9
     r: float = 0.01  # robustness factor r of Eq 3/6/7
     tau: float = 1.0  # temperature τ of Eq 2/4
@@ -103,7 +105,12 @@ class TrainConfig:
         need(self.scbch_separation >= 0, "scbch_separation", "must be ≥ 0")
         need(self.weight_decay >= 0, "weight_decay", "must be ≥ 0")
         need(self.eval_top_k >= 0, "eval_top_k", "must be ≥ 0 (0: MAP over the whole list)")
-        need(self.bits > 0, "bits", "must be a positive number of bits")
+        need(
+            0 < self.bits <= MAX_BITS,
+            "bits",
+            f"must be in 1..{MAX_BITS} (codes wider than the default {MAX_BITS}-unit hidden "
+            "layer add no information; the paper uses 16..128)",
+        )
         need(self.hidden_dim > 0, "hidden_dim", "must be positive")
         need(
             self.feature_norm in ("standardize", "none"),
@@ -154,7 +161,14 @@ class TrainConfig:
         need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")
         need(self.center_sync_check_every >= 0, "center_sync_check_every", "must be ≥ 0")
         bound = ell_max(self.r, NUM_MODALITIES)
-        if self.gamma >= bound:
+        uses_gamma = self.method == "rshnl" and self.weighting in ("spl", "hard")
+        if uses_gamma and self.gamma >= bound:
+            if not self.allow_gamma_above_ell_max:
+                raise ConfigError(
+                    f"config 'gamma' = {self.gamma!r}: must be < ℓmax(r={self.r:g}) = {bound:.4g} "
+                    "(Eq 14), else every pair keeps a positive weight and no label is treated as "
+                    "noisy; lower gamma, or set allow_gamma_above_ell_max: true to mean it"
+                )
             log.warning(
                 "gamma=%g ≥ ℓmax(r=%g)=%.4g (Eq 14): every pair keeps a positive weight and "
                 "no label is treated as noisy",

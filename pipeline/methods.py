@@ -32,7 +32,10 @@ def method_overrides(name: str, cfg: TrainConfig) -> dict[str, Any]:
         "RSHNL-2": {"alpha": 0.0},
         "RSHNL-3": {"weighting": "none"},
         "RSHNL-S": {"weighting": "hard"},
-        "RSHNL-D": {"gamma": 1.5 * ell_max(cfg.r, NUM_MODALITIES)},
+        "RSHNL-D": {
+            "gamma": 1.5 * ell_max(cfg.r, NUM_MODALITIES),
+            "allow_gamma_above_ell_max": True,
+        },
         "plain": {"loss_form": "ce", "weighting": "none"},
         "small-loss": {"loss_form": "ce", "weighting": "small_loss"},
         "SCBCH": {"method": "scbch"},

@@ -160,7 +160,11 @@ def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
         changes[key] = type(default)(value) if isinstance(default, int | float) else value
     cfg = base.replace(**changes)
     if "gamma_fraction" in params:
-        cfg = cfg.replace(gamma=float(params["gamma_fraction"]) * ell_max(cfg.r, NUM_MODALITIES))
+        frac = float(params["gamma_fraction"])  # ≥ 1 is asked for (the γ grid goes past ℓmax)
+        cfg = cfg.replace(
+            gamma=frac * ell_max(cfg.r, NUM_MODALITIES),
+            allow_gamma_above_ell_max=cfg.allow_gamma_above_ell_max or frac >= 1,
+        )
     return cfg
 
 

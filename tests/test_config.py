@@ -22,10 +22,40 @@ def test_gamma_must_be_positive(gamma):
         TrainConfig(dataset="x", gamma=gamma).validate()
 
 
-def test_gamma_above_ell_max_warns(caplog):
-    with caplog.at_level(logging.WARNING):
+def test_gamma_above_ell_max_is_refused_unless_allowed(caplog):
+    # ℓmax(r=0.01) = 2·(0.0001 − 0.01 + 1)/0.01 = 198.02 (Eq 14)
+    with pytest.raises(ConfigError, match=r"'gamma' = 250\.0: must be < ℓmax\(r=0\.01\) = 198"):
         TrainConfig(dataset="x", gamma=250.0).validate()
+    with pytest.raises(ConfigError, match="allow_gamma_above_ell_max"):
+        TrainConfig(dataset="x", gamma=198.02, weighting="hard").validate()
+    with caplog.at_level(logging.WARNING):
+        TrainConfig(dataset="x", gamma=250.0, allow_gamma_above_ell_max=True).validate()
     assert "ℓmax" in caplog.text
+    TrainConfig(dataset="x", gamma=198.0).validate()  # just below the bound
+    # γ plays no part without self-paced weights
+    TrainConfig(dataset="x", gamma=250.0, weighting="none").validate()
+    TrainConfig(dataset="x", gamma=250.0, method="scbch").validate()
+
+
+def test_variants_and_sweeps_that_mean_gamma_above_ell_max_still_validate():
+    from pipeline.losses import ell_max
+    from pipeline.methods import apply_method
+    from pipeline.tune import trial_config
+
+    d = apply_method("RSHNL-D", TrainConfig(dataset="x")).validate()
+    assert d.gamma == pytest.approx(1.5 * ell_max(0.01)) and d.allow_gamma_above_ell_max
+    base = TrainConfig(dataset="x")
+    assert trial_config(base, {"gamma_fraction": 1.5, "r": 0.1}).validate().gamma_fraction == (
+        pytest.approx(1.5)
+    )
+    below = trial_config(base, {"gamma_fraction": 0.995, "r": 1.0}).validate()
+    assert not below.allow_gamma_above_ell_max
+
+
+def test_bits_have_an_upper_bound():
+    TrainConfig(dataset="x", bits=4096).validate()
+    with pytest.raises(ConfigError, match=r"'bits' = 4097: must be in 1\.\.4096"):
+        TrainConfig(dataset="x", bits=4097).validate()
 
 
 @pytest.mark.parametrize(

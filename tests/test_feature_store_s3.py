@@ -249,3 +249,25 @@ def test_ray_reads_a_noisy_copy_from_s3(s3):
     assert len(got) == 50
     for i, lab in zip(expect[S.ITEM_ID], expect[S.LABEL], strict=True):
         assert (got[int(i)] == lab).all()
+
+
+def test_an_uncommitted_version_is_listed_and_collected(s3):
+    """A writer killed after its claim and one data file: no manifest, no version; gc removes it."""
+    from feature_store.store import collect_garbage, scan_store
+
+    bucket, client = s3
+    write_version(f"s3://{bucket}/store", "syn", _plan())
+    committed = _keys(client, bucket)
+    client.put_object(Bucket=bucket, Key="store/syn/v2/.writing", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="store/syn/v2/train.parquet", Body=b"x" * 100)
+    scan = scan_store(f"s3://{bucket}/store")
+    assert [v["version"] for v in scan.versions] == [1] and scan.unreadable == []
+    assert [(s["uri"], s["kind"], s["bytes"]) for s in scan.stale] == [
+        (f"s3://{bucket}/store/syn/v2", "uncommitted version", 102)
+    ]
+    assert collect_garbage(f"s3://{bucket}/store") == []  # active within the grace period
+    removed = collect_garbage(f"s3://{bucket}/store", older_than_hours=0)
+    assert [r["uri"] for r in removed] == [f"s3://{bucket}/store/syn/v2"]
+    # pyarrow keeps the parent "directory" as an empty marker object
+    assert [k for k in _keys(client, bucket) if not k.endswith("/")] == committed
+    assert [v["version"] for v in scan_store(f"s3://{bucket}/store").versions] == [1]

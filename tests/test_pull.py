@@ -207,3 +207,32 @@ def test_multi_label_dataset_defaults_to_query_vs_database(registry, tmp_path):
         ties="expected",
     )
     assert s["metrics"]["map"]["expected"] == pytest.approx(want)
+
+
+def test_bad_query_files_are_refused_before_any_encoding(registry, tmp_path, caplog):
+    def queries(name: str, a: np.ndarray | None) -> list[str]:
+        path = tmp_path / name
+        if a is None:
+            path.write_bytes(b"")
+        else:
+            np.save(path, a)
+        return _args(registry, "--db-modality", "image", "--queries", str(path))
+
+    ok = np.random.default_rng(0).normal(size=(4, 16))
+    nan, inf = ok.copy(), ok.copy()
+    nan[2, 5], inf[3, 0] = np.nan, np.inf
+    big = ok.copy()
+    big[1, 1] = 1e300  # finite in float64, infinite as the float32 the model takes
+    cases = [
+        ("empty.npy", None, "empty.npy: the file is empty (0 bytes)"),
+        ("nan.npy", nan, "nan.npy: row 2 column 5 is nan; query features must be finite"),
+        ("inf.npy", inf, "inf.npy: row 3 column 0 is inf; query features must be finite"),
+        ("big.npy", big, "big.npy: row 1 column 1 is 1e+300; beyond the float32 range"),
+        ("none.npy", np.zeros((0, 16)), "none.npy: holds no queries (shape (0, 16))"),
+        ("complex.npy", ok + 1j, "complex.npy: dtype complex128 is not real numbers"),
+    ]
+    for name, a, want in cases:
+        caplog.clear()
+        msg = _bad_input(caplog, queries(name, a))
+        assert f"--queries {tmp_path / name}" in msg and want in msg, msg
+        assert not any("encoded" in r.getMessage() for r in caplog.records)  # nothing encoded
