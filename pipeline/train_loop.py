@@ -6,6 +6,7 @@ checked outside Ray against a single-process run on the concatenated batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -33,7 +34,7 @@ from pipeline.step import (
     seed_everything,
     train_set_reliability,
 )
-from pipeline.weights import WEIGHTS, encode, save_model_file
+from pipeline.weights import WEIGHTS, ModelFileError, encode, plain, safe_load, save_model_file
 
 log = logging.getLogger("pipeline.train")
 
@@ -90,6 +91,78 @@ def _empty_history() -> dict[str, Any]:
     }
 
 
+def rng_states() -> dict[str, Any]:
+    """The torch, NumPy and Python RNG states as tensors and plain values."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python_rng": {
+            "version": int(version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
+
+
+def restore_rng_states(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    torch.set_rng_state(state["torch_rng"])
+    n = state["numpy_rng"]
+    keys = n["keys"].numpy().view(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python_rng"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+def save_train_state(
+    path: Path,
+    optimizer_state: dict[str, Any],
+    epoch: int,
+    best_valid_map: float,
+    best_epoch: int,
+    history: dict[str, Any],
+) -> None:
+    """Write the resumable state (tensors and plain values only) to a temporary name; rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "optimizer": optimizer_state,
+            "epoch": int(epoch),
+            "best_valid_map": float(best_valid_map),
+            "best_epoch": int(best_epoch),
+            "history": json.dumps(plain(history)),
+            **rng_states(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+_STATE_KEYS = ("optimizer", "epoch", "best_valid_map", "best_epoch", "history", "torch_rng")
+
+
+def load_train_state(source: Path | str | bytes, what: str = "") -> dict[str, Any]:
+    """Read :func:`save_train_state` output without unpickling anything but tensors and plain
+    values; :class:`~pipeline.weights.ModelFileError` names the file otherwise."""
+    name = what or str(source)
+    state = safe_load(source, name)
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ModelFileError(f"{name}: not a training state file (missing {missing})")
+    try:
+        state["history"] = json.loads(state["history"]) if state["history"] else {}
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{name}: history is not valid JSON: {e}") from None
+    return state
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray
@@ -130,17 +203,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
-            weights_blob = torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=False)
+            state = load_train_state(Path(d) / STATE)
+            weights_blob = safe_load(Path(d) / WEIGHTS)
         core.load_state_dict(weights_blob["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         best_map, best_epoch = state["best_valid_map"], state["best_epoch"]
         best_score = checkpoint_score(best_map, best_epoch)
-        history = state.get("history") or history
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
+        history = state["history"] or history
+        restore_rng_states(state)
         log.info(
             "rank %d resumed after epoch %d (best valid MAP %.4f at epoch %d)",
             rank,
@@ -337,18 +408,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
             save_model_file(
                 Path(ckpt_dir) / WEIGHTS, core, arch, {"epoch": epoch + 1, "valid_map": vmap}
             )
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "best_valid_map": best_map,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate(),
-                },
-                Path(ckpt_dir) / STATE,
+            save_train_state(
+                Path(ckpt_dir) / STATE, optimizer.state_dict(), epoch, best_map, best_epoch, history
             )
             timer.add("checkpoint", time.perf_counter() - t0)
             metrics.update(

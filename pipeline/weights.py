@@ -1,12 +1,18 @@
 """Model files: the weights plus the architecture to rebuild them, and batched encoding.
 
 No Ray, no MLflow: the training loop, the in-process trainer and the served model share these.
+Files hold tensors and plain values only and are read with ``torch.load(weights_only=True)``, so
+a file that would run code when unpickled is refused instead of executed.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -16,16 +22,59 @@ from pipeline.model import RSHNLModel, sign_codes
 WEIGHTS = "model.pt"
 
 
+class ModelFileError(ValueError):
+    """A model or checkpoint file that cannot be read safely; the message names the file."""
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NumPy scalars and arrays turned into Python numbers and lists."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
+
+
+def safe_load(source: Path | str | IO[bytes] | bytes, what: str = "") -> Any:
+    """``torch.load`` restricted to tensors and plain values; :class:`ModelFileError` otherwise."""
+    name = what or str(source)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ModelFileError(
+            f"{name}: refused to load: it holds objects other than tensors and plain values"
+            + (f" (it references {found.group(1)})" if found else "")
+        ) from None
+    except FileNotFoundError:
+        raise ModelFileError(f"{name}: file not found") from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise ModelFileError(f"{name}: not a readable model file: {type(e).__name__}: {e}") from e
+
+
 def save_model_file(
-    path: Path, model: RSHNLModel, arch: dict[str, int], extra: dict[str, Any]
+    path: Path, model: RSHNLModel, arch: dict[str, Any], extra: dict[str, Any]
 ) -> None:
-    """Weights plus the architecture needed to rebuild the module."""
-    torch.save({"arch": arch, "state_dict": model.state_dict(), **extra}, path)
+    """Weights plus the architecture needed to rebuild the module (tensors and plain values)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"arch": plain(arch), "state_dict": model.state_dict(), **plain(extra)}, tmp)
+    os.replace(tmp, path)
 
 
 def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
-    """Rebuild the module from :func:`save_model_file` output, in eval mode on the CPU."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    """Rebuild the module from :func:`save_model_file` output, in eval mode on the CPU.
+
+    Raises :class:`ModelFileError` for a file that is unreadable or holds anything but tensors
+    and plain values.
+    """
+    blob = safe_load(path)
+    if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
+        raise ModelFileError(f"{path}: not a model file (needs 'arch' and 'state_dict')")
     model = RSHNLModel(**blob["arch"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
