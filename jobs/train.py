@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="resume",
         action="store_true",
         default=None,
-        help="continue --run-name from its latest checkpoint in --storage-path",
+        help=(
+            "continue --run-name from its newest intact checkpoint in --storage-path; the data "
+            "and every key that shapes the model or objective must match its first start, only "
+            "--epochs, execution, location and registration settings may change"
+        ),
     )
     p.add_argument(
         "--no-register",

@@ -7,9 +7,14 @@ import json
 import logging
 import math
 import os
+import random
+import socket
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,29 +148,71 @@ def _valid_map(final_metrics: dict[str, Any]) -> float | None:
     return None
 
 
+# A new version is compared only with a champion that agrees on all of these.
+COMPARABLE_ON = ("data_version", "bits", "method")
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_LEASE_SECONDS = 60.0  # a holder that died releases the lock after this long
+LOCK_WAIT_SECONDS = 180.0
+_ALIAS_ATTEMPTS = 3
+
+
+class PromotionError(RuntimeError):
+    """The champion alias could not be decided safely (e.g. the promotion lock stayed held)."""
+
+
+def comparison_key(config: dict[str, Any], data_version: str) -> dict[str, str]:
+    """What a validation MAP is comparable across: dataset version, code length and method."""
+    return {
+        "data_version": str(data_version or ""),
+        "bits": str(config.get("bits", "") or ""),
+        "method": str(config.get("method", "") or ""),
+    }
+
+
+def _describe(key: dict[str, str]) -> str:
+    return ", ".join(f"{k} {key.get(k) or 'unrecorded'}" for k in COMPARABLE_ON)
+
+
+def _version_key(client: Any, mv: Any) -> dict[str, str]:
+    """A registered version's comparison key: its tags, else its run's params."""
+    key = {k: mv.tags.get(k, "") for k in COMPARABLE_ON}
+    if not all(key.values()) and mv.run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            params = client.get_run(mv.run_id).data.params
+        except MlflowException:
+            params = {}
+        key = {k: key[k] or params.get(k, "") for k in COMPARABLE_ON}
+    return key
+
+
 def promotion_decision(
-    client: Any, name: str, data_version: str, valid_map: float | None
+    client: Any, name: str, key: dict[str, str], valid_map: float | None
 ) -> tuple[bool, str]:
     """Whether a new version of ``name`` gets the champion alias, and why (one sentence).
 
     Rule: it does when there is no champion yet, or when its validation MAP is strictly higher
-    than the champion's on the same dataset version. A champion validated on another dataset
-    version is not comparable and keeps the alias (move it by hand to switch datasets).
+    than the champion's and the champion has the same dataset version, bits and method
+    (:data:`COMPARABLE_ON`). A champion that differs in any of them, or did not record one, is
+    not comparable and keeps the alias (move it by hand to switch).
     """
     from mlflow.exceptions import MlflowException
 
+    dv = key.get("data_version", "")
     if valid_map is None:
         return False, "no validation MAP was recorded, so it cannot be compared"
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return True, f"no '{CHAMPION}' yet; validation MAP {valid_map:.4f} on {data_version}"
-    champ_dv = champ.tags.get("data_version", "")
-    if champ_dv != data_version:
+        return True, f"no '{CHAMPION}' yet; validation MAP {valid_map:.4f} on {dv}"
+    champ_key = _version_key(client, champ)
+    differs = [k for k in COMPARABLE_ON if not champ_key[k] or champ_key[k] != key.get(k)]
+    if differs:
         return False, (
-            f"current {CHAMPION} (version {champ.version}) was validated on "
-            f"{champ_dv or 'an unrecorded dataset version'}, this run on {data_version}; "
-            "validation MAPs on different dataset versions are not comparable"
+            f"current {CHAMPION} (version {champ.version}) has {_describe(champ_key)}; this "
+            f"one has {_describe(key)}; validation MAPs that differ in "
+            f"{', '.join(differs)} are not comparable"
         )
     champ_map: float | None = None
     try:
@@ -173,20 +220,129 @@ def promotion_decision(
     except (KeyError, ValueError):
         if champ.run_id:
             champ_map = client.get_run(champ.run_id).data.metrics.get("final/best_valid_map_mean")
-    if champ_map is None:
+    if champ_map is None or not math.isfinite(champ_map):
         return True, (
             f"current {CHAMPION} (version {champ.version}) has no recorded validation MAP; "
-            f"this one has {valid_map:.4f} on {data_version}"
+            f"this one has {valid_map:.4f} on {dv}"
         )
     if valid_map > champ_map:
         return True, (
             f"validation MAP {valid_map:.4f} beats {CHAMPION} version {champ.version} "
-            f"({champ_map:.4f}) on {data_version}"
+            f"({champ_map:.4f}) on {dv}"
         )
     return False, (
         f"validation MAP {valid_map:.4f} does not beat {CHAMPION} version {champ.version} "
-        f"({champ_map:.4f}) on {data_version}"
+        f"({champ_map:.4f}) on {dv}"
     )
+
+
+def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
+    """(owner, expiry as a Unix time) of the promotion lock, or None when it is free."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(lock)
+    except MlflowException:
+        return None
+    try:
+        expires = float(rm.tags["expires"])
+    except (KeyError, ValueError):  # not written by promotion_lock: a lease from its creation
+        expires = (rm.creation_timestamp or 0) / 1000 + LOCK_LEASE_SECONDS
+    return rm.tags.get("owner", ""), expires
+
+
+@contextmanager
+def promotion_lock(
+    client: Any,
+    name: str,
+    *,
+    lease_seconds: float | None = None,
+    wait_seconds: float | None = None,
+) -> Iterator[str]:
+    """Hold the promotion lock of registered model ``name``; yield the owner id.
+
+    The lock is a registered model ``NAME.promotion-lock``: creating a registered model is
+    atomic in the registry (a second create of the same name fails), which a tag written and
+    read back is not. Its ``expires`` tag is a lease: a lock whose holder died is taken over
+    once it has expired. Raises :class:`PromotionError` after ``wait_seconds`` of a live lock.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lease_seconds = LOCK_LEASE_SECONDS if lease_seconds is None else lease_seconds
+    wait_seconds = LOCK_WAIT_SECONDS if wait_seconds is None else wait_seconds
+    lock = f"{name}{LOCK_SUFFIX}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"owner": owner, "expires": repr(time.time() + lease_seconds)},
+                description=(
+                    f"Held while a version of '{name}' is being promoted; removed when done. "
+                    "Safe to delete once its 'expires' time has passed."
+                ),
+            )
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder[1] < time.time():
+            log.warning("promotion lock of %s held by %s expired; taking it over", name, holder[0])
+            if _lock_holder(client, lock) == holder:
+                _delete_lock(client, lock)
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionError(
+                f"promotion lock '{lock}' is still held by {holder[0] if holder else 'someone'} "
+                f"after {wait_seconds:.0f} s"
+            )
+        time.sleep(random.uniform(0.05, 0.25))
+    try:
+        yield owner
+    finally:
+        holder = _lock_holder(client, lock)
+        if holder is not None and holder[0] == owner:
+            _delete_lock(client, lock)
+
+
+def _delete_lock(client: Any, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException:  # already gone
+        pass
+
+
+def promote(
+    client: Any, name: str, version: str, key: dict[str, str], valid_map: float | None
+) -> tuple[bool, str]:
+    """Compare-and-set of the champion alias: decide and set under the promotion lock, then
+    read the alias back; if another promoter moved it meanwhile, decide again against that one.
+
+    Returns whether ``version`` holds the alias and why.
+    """
+    if valid_map is None:
+        return promotion_decision(client, name, key, valid_map)
+    with promotion_lock(client, name):
+        for _ in range(_ALIAS_ATTEMPTS):
+            ok, reason = promotion_decision(client, name, key, valid_map)
+            if not ok:
+                return False, reason
+            client.set_registered_model_alias(name, CHAMPION, version)
+            now = client.get_model_version_by_alias(name, CHAMPION)
+            if str(now.version) == version:
+                return True, reason
+            log.warning(
+                "%s alias of %s moved to version %s while version %s was promoted; deciding again",
+                CHAMPION,
+                name,
+                now.version,
+                version,
+            )
+    return False, f"the {CHAMPION} alias kept moving while this version was promoted"
 
 
 def _register(
@@ -194,7 +350,7 @@ def _register(
     model_uri: str,
     name: str,
     run_id: str,
-    data_version: str,
+    key: dict[str, str],
     final_metrics: dict[str, Any],
 ) -> dict[str, Any]:
     import mlflow
@@ -202,14 +358,17 @@ def _register(
     mv = mlflow.register_model(model_uri, name)
     version = str(mv.version)
     valid_map = _valid_map(final_metrics)
-    client.set_model_version_tag(name, version, "data_version", data_version)
+    for k in COMPARABLE_ON:
+        client.set_model_version_tag(name, version, k, key.get(k, ""))
     client.set_model_version_tag(name, version, "run_id", run_id)
     if valid_map is not None:
         client.set_model_version_tag(name, version, "valid_map_mean", repr(valid_map))
-    promote, reason = promotion_decision(client, name, data_version, valid_map)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    outcome = CHAMPION if promote else "not_promoted"
+    try:
+        promoted, reason = promote(client, name, version, key, valid_map)
+    except PromotionError as e:  # the model is fine; only the alias could not be decided
+        log.warning("version %s of %s not promoted: %s", version, name, e)
+        promoted, reason = False, f"not compared: {e}"
+    outcome = CHAMPION if promoted else "not_promoted"
     client.set_model_version_tag(name, version, "promotion", outcome)
     client.set_model_version_tag(name, version, "promotion_reason", reason)
     client.set_tag(run_id, "registered_model", f"{name}/{version}")
@@ -219,7 +378,7 @@ def _register(
     return {
         "name": name,
         "version": version,
-        "alias": CHAMPION if promote else None,
+        "alias": CHAMPION if promoted else None,
         "promotion_reason": reason,
     }
 
@@ -243,7 +402,8 @@ def finish_run(
     ``history.json`` and the per-epoch plots; with ``pr_curves`` (``{"i2t": ..., "t2i": ...}``
     from :func:`pipeline.evaluate.precision_recall_curve`) ``pr_curves.json`` and its plot; all
     PNGs under ``plots/``. The model goes to ``model/`` and, with ``registered_model_name``, into
-    the registry, where it takes the ``champion`` alias by :func:`promotion_decision`.
+    the registry, where it takes the ``champion`` alias by :func:`promotion_decision`, set
+    compare-and-set by :func:`promote`.
 
     Returns ``{"name", "version", "alias", "promotion_reason"}`` of the registered version
     (``alias`` is "champion" or None), or None when nothing was registered.
@@ -310,7 +470,12 @@ def finish_run(
             )
         if registered_model_name:
             registered = _register(
-                client, info.model_uri, registered_model_name, run_id, dv, final_metrics
+                client,
+                info.model_uri,
+                registered_model_name,
+                run_id,
+                comparison_key(config, dv),
+                final_metrics,
             )
     client.set_terminated(run_id, "FINISHED")
     return registered
@@ -430,3 +595,23 @@ def log_finished_run(
         client.log_metric(run_id, key, float(value))
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def run_status(tracking_uri: str, run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None when there is no such run."""
+    try:
+        return str(_client(tracking_uri).get_run(run_id).info.status)
+    except Exception as e:
+        log.debug("run %s not found at %s: %s", run_id, tracking_uri, e)
+        return None
+
+
+def update_run(
+    tracking_uri: str, run_id: str, *, status: str | None = None, tags: dict[str, str] | None = None
+) -> None:
+    """Set tags on a run and, with ``status``, change its status (e.g. back to RUNNING)."""
+    client = _client(tracking_uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value)[:5000])
+    if status is not None:
+        client.update_run(run_id, status=status)

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.store import open_dataset
-from pipeline import tracking
+from pipeline import guards, tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import EvalProtocol, feature_normalisation, training_dataset
+from pipeline.step import arch_of
 from pipeline.train_loop import SCORE, train_func
-from pipeline.weights import WEIGHTS, encode, load_model_file
+from pipeline.weights import WEIGHTS, load_model_file
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,224 @@ def read_run_info(cfg: TrainConfig, run_name: str) -> dict[str, Any] | None:
         return json.loads(f.read().decode())
 
 
+def _write_bytes(fs: Any, path: str, data: bytes) -> None:
+    """Write a file in the storage; locally to a temporary name, then rename."""
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store's put is atomic
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
 def _write_run_info(cfg: TrainConfig, run_name: str, info: dict[str, Any]) -> None:
     fs, path = _run_info(cfg, run_name)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(info).encode())
+    _write_bytes(fs, path, json.dumps(info).encode())
+
+
+def check_storage(cfg: TrainConfig) -> None:
+    """Create the storage path and write a probe file there, so that a storage path that
+    cannot be written fails as bad input before any run starts."""
+    import pyarrow.fs as pafs
+
+    storage = _storage(cfg)
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage)
+        root = root.rstrip("/")
+        fs.create_dir(root, recursive=True)
+        probe = f"{root}/.write-check-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(f"storage_path '{storage}': cannot write there: {detail}") from None
+
+
+# Config keys a resume may change: how the run executes, how long it trains (``epochs`` extends
+# it), and what happens to the model at the end. Every other key shapes the model, the data or
+# the objective and must match the run being resumed.
+RESUMABLE_KEYS = frozenset(
+    {
+        "epochs",
+        "workers",
+        "cpus_per_worker",
+        "use_gpu",
+        "placement_strategy",
+        "max_failures",
+        "eval_batch_size",
+        "center_sync_check_every",
+        "data_cache_max_bytes",
+        "storage_path",
+        "resume",
+        "run_name",
+        "dataset",  # the same data_version may be read from another location
+        "register_model",
+        "registered_model_name",
+        "tags",
+    }
+)
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def _resume_record(cfg: TrainConfig, ds: Any) -> dict[str, Any]:
+    """What a later resume of this run must match: the data, its dims and the fixed config."""
+    fixed = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS}
+    return {
+        "data_version": ds.data_version,
+        "dims": dict(ds.dims),
+        "num_classes": int(ds.num_classes),
+        "config": fixed,
+        "resumable": {k: v for k, v in cfg.to_dict().items() if k in RESUMABLE_KEYS},
+    }
+
+
+def check_resume(
+    previous: dict[str, Any], cfg: TrainConfig, ds: Any, tracking_uri: str, run_name: str
+) -> list[str]:
+    """Refuse a resume whose data, dims or fixed config differ from the run's first start.
+
+    Returns the resumable keys that changed, as ``"key: old → new"``.
+    """
+    if previous.get("tracking_uri") and previous["tracking_uri"] != tracking_uri:
+        raise ConfigError(
+            f"--resume: run '{run_name}' is tracked at {previous['tracking_uri']}, "
+            f"not at {tracking_uri}; pass --tracking-uri {previous['tracking_uri']}"
+        )
+    if "config" not in previous:
+        log.warning(
+            "run '%s' was started without a resume record; only its checkpoint's architecture "
+            "is checked",
+            run_name,
+        )
+        return []
+    if previous["data_version"] != ds.data_version:
+        raise ConfigError(
+            f"--resume: run '{run_name}' was trained on data_version {previous['data_version']}, "
+            f"but {ds.uri} is {ds.data_version}; start a new --run-name for other data"
+        )
+    if previous["dims"] != dict(ds.dims) or previous["num_classes"] != ds.num_classes:
+        raise ConfigError(
+            f"--resume: run '{run_name}' was trained on feature dims {previous['dims']} with "
+            f"{previous['num_classes']} classes, but {ds.uri} has {dict(ds.dims)} with "
+            f"{ds.num_classes}"
+        )
+    now = cfg.to_dict()
+    for key, old in sorted(previous["config"].items()):
+        if key in now and now[key] != old:
+            raise ConfigError(
+                f"--resume: config '{key}' = {now[key]!r} differs from {old!r} of run "
+                f"'{run_name}'; a resume may change only {sorted(RESUMABLE_KEYS)}"
+            )
+    first = previous.get("resumable") or {}
+    return [
+        f"{k}: {first[k]!r} → {now[k]!r}"
+        for k in sorted(first)
+        if k in now and now[k] != first[k] and k not in ("resume",)
+    ]
+
+
+def _checkpoint_problem(fs: Any, ckpt_dir: str, arch: dict[str, Any]) -> tuple[str | None, int]:
+    """Why a stored checkpoint cannot be resumed from (None if intact), and its epochs done."""
+    from pipeline.train_loop import STATE, load_train_state
+    from pipeline.weights import ModelFileError, safe_load
+
+    try:
+        blobs = {}
+        for name in (WEIGHTS, STATE):
+            try:
+                with fs.open_input_stream(f"{ckpt_dir}/{name}") as f:
+                    blobs[name] = f.read()
+            except (OSError, FileNotFoundError):
+                return f"{name} is missing", -1
+        state = load_train_state(blobs[STATE], f"{ckpt_dir}/{STATE}")
+        weights = safe_load(blobs[WEIGHTS], f"{ckpt_dir}/{WEIGHTS}")
+    except ModelFileError as e:
+        return str(e), -1
+    if not isinstance(weights, dict) or "arch" not in weights:
+        return f"{ckpt_dir}/{WEIGHTS} holds no architecture", -1
+    for key, value in arch.items():
+        if weights["arch"].get(key) != value:
+            raise ConfigError(
+                f"--resume: the checkpoint {ckpt_dir} has {key} = {weights['arch'].get(key)!r}, "
+                f"the config and dataset give {value!r}"
+            )
+    return None, int(state["epoch"]) + 1
+
+
+def choose_resume_checkpoint(
+    cfg: TrainConfig, run_name: str, arch: dict[str, Any]
+) -> tuple[str | None, int]:
+    """The newest intact checkpoint of ``run_name`` and its epochs done; (None, 0) if none was
+    ever reported. Broken newer ones are dropped from Ray's record so that Ray resumes from it."""
+    import pyarrow.fs as pafs
+
+    fs, info_path = _run_info(cfg, run_name)
+    run_dir = info_path.rsplit("/", 1)[0]
+    snapshot_path = f"{run_dir}/{SNAPSHOT}"
+    if fs.get_file_info(snapshot_path).type != pafs.FileType.File:
+        log.info("run %s has no checkpoint yet; it starts from its first epoch", run_name)
+        return None, 0
+    with fs.open_input_stream(snapshot_path) as f:
+        snap = json.loads(f.read().decode())
+    results = snap.get("checkpoint_results") or []
+    if not results:
+        return None, 0
+    order = sorted(
+        range(len(results)),
+        key=lambda i: (results[i]["metrics"].get("epoch", 0), results[i]["checkpoint_dir_name"]),
+        reverse=True,
+    )
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    broken: dict[str, str] = {}
+    for i in order:
+        name = results[i]["checkpoint_dir_name"]
+        problem, epochs_done = _checkpoint_problem(fs, f"{run_dir}/{name}", arch)
+        if problem is None:
+            break
+        broken[name] = problem
+        log.warning("checkpoint %s of run %s cannot be resumed from: %s", name, run_name, problem)
+    else:
+        raise ConfigError(
+            f"--resume: run '{run_name}' has no intact checkpoint in {_storage(cfg)}: "
+            + "; ".join(f"{n}: {p}" for n, p in broken.items())
+        )
+    if broken or latest != name:
+        keep = [i for i in range(len(results)) if results[i]["checkpoint_dir_name"] not in broken]
+        indices = snap.get("checkpoint_report_indices") or []
+        snap["checkpoint_results"] = [results[i] for i in keep]
+        if len(indices) == len(results):
+            snap["checkpoint_report_indices"] = [indices[i] for i in keep]
+        snap["latest_checkpoint_result"] = results[i]
+        pending = list(
+            zip(
+                snap.get("pending_training_results") or [],
+                snap.get("pending_validation_specs") or [],
+                strict=False,
+            )
+        )
+        pending = [(r, v) for r, v in pending if r["checkpoint_dir_name"] not in broken]
+        snap["pending_training_results"] = [r for r, _ in pending]
+        snap["pending_validation_specs"] = [v for _, v in pending]
+        for key in (
+            "validated_checkpoint_dir_names",
+            "timed_out_validation_checkpoint_dir_names",
+            "failed_validation_checkpoint_dir_names",
+        ):
+            snap[key] = [n for n in snap.get(key) or [] if n not in broken]
+        _write_bytes(fs, snapshot_path, json.dumps(snap).encode())
+        log.warning(
+            "run %s resumes from checkpoint %s (after epoch %d), the newest intact one",
+            run_name,
+            name,
+            epochs_done,
+        )
+    return name, epochs_done
 
 
 def _execution_options():
@@ -163,6 +377,7 @@ def run_training(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    check_storage(cfg)  # before the MLflow run exists: bad storage is bad input
     previous = read_run_info(cfg, run_name) if cfg.run_name else None
     if previous and not cfg.resume:
         raise ConfigError(
@@ -171,14 +386,51 @@ def run_training(
         )
     if cfg.resume and not previous:
         raise ConfigError(f"--resume: no run '{run_name}' in {_storage(cfg)} to resume")
+    status_before = None
     if previous:
         run_id = previous["mlflow_run_id"]
-        log.info("resuming run %s (MLflow run %s) from its latest checkpoint", run_name, run_id)
+        changes = check_resume(previous, cfg, ds, tracking_uri, run_name)
+        status_before = tracking.run_status(tracking_uri, run_id)
+        if status_before is None:
+            raise ConfigError(
+                f"--resume: MLflow run {run_id} of run '{run_name}' is not at {tracking_uri}"
+            )
+        ckpt, epochs_done = choose_resume_checkpoint(
+            cfg, run_name, arch_of(cfg, ds.dims, ds.num_classes)
+        )
+        if status_before == "FINISHED" and epochs_done >= cfg.epochs:
+            raise ConfigError(
+                f"--resume: run '{run_name}' finished {epochs_done} epochs; pass --epochs above "
+                f"{epochs_done} to extend it"
+            )
+        log.info(
+            "resuming run %s (MLflow run %s, %s) from %s after epoch %d%s",
+            run_name,
+            run_id,
+            status_before,
+            ckpt or "no checkpoint",
+            epochs_done,
+            f"; changed: {', '.join(changes)}" if changes else "",
+        )
     else:
         run_id = tracking.start_run(tracking_uri, cfg.experiment_name, run_name, params, tags)
-        _write_run_info(cfg, run_name, {"mlflow_run_id": run_id, "tracking_uri": tracking_uri})
     log.info("MLflow run %s (%s) at %s", run_id, run_name, tracking_uri)
     try:
+        if previous:
+            # A finished run keeps its status (its model may be serving); any other goes back
+            # to RUNNING so that a failure below marks it FAILED again.
+            tracking.update_run(
+                tracking_uri,
+                run_id,
+                status=None if status_before == "FINISHED" else "RUNNING",
+                tags={
+                    "resumed_from": f"{ckpt or 'start'} (after epoch {epochs_done})",
+                    "resume_changes": "; ".join(changes) or "none",
+                },
+            )
+        else:
+            info = {"mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+            _write_run_info(cfg, run_name, info | _resume_record(cfg, ds))
         summary = _fit(
             cfg, ds, normalisation, run_name, run_id, tracking_uri, ray_address, callbacks or []
         )
@@ -214,7 +466,15 @@ def run_training(
                 ),
             )
     except BaseException as e:
-        tracking.fail_run(tracking_uri, run_id, e)
+        if status_before == "FINISHED":
+            try:
+                tracking.update_run(
+                    tracking_uri, run_id, tags={"resume_error": f"{type(e).__name__}: {e}"}
+                )
+            except Exception as tag_error:
+                log.warning("could not tag MLflow run %s: %s", run_id, tag_error)
+        else:
+            tracking.fail_run(tracking_uri, run_id, e)
         raise
     summary.update(
         {"mlflow_run_id": run_id, "registered_model": registered, "tracking_uri": tracking_uri}
@@ -258,8 +518,10 @@ def _fit(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
+            # The two best and the latest: an intact older one to resume from if the latest
+            # is lost.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
@@ -285,7 +547,8 @@ def _fit(
     t_test = time.perf_counter()
     model, _ = load_model_file(keep)
     test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
-    codes = test.encode(lambda x, m: encode(model, x, m, cfg.eval_batch_size))
+    encoder = guards.CheckedEncoder(model, cfg.eval_batch_size)
+    codes = test.encode(encoder)
     test_map = test.map_of(codes)
     test_eval_seconds = time.perf_counter() - t_test
     pr_curves = test.pr_curves_of(codes)
@@ -293,6 +556,12 @@ def _fit(
 
     attempts, timings = ray.get(monitor.get.remote())
     ray.kill(monitor)
+    problems = guards.model_problems(last.get("history") or {}, model, encoder, codes)
+    if problems:
+        shutil.rmtree(keep.parent, ignore_errors=True)
+        raise TrainingError(
+            f"training run {run_name} produced an unusable model: {'; '.join(problems)}"
+        )
     restarts = max(0, attempts - 1)
     summary = {
         "run_name": run_name,

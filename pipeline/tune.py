@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import tracking
+from pipeline import guards, tracking
 from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig
 from pipeline.losses import ell_max
 
@@ -291,12 +291,19 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
             t["best_valid_map"],
         )
     tracking.close_trial_runs(tracking_uri, trials)
-    done = [t for t in trials if t["best_valid_map"] is not None and t["checkpoint_path"]]
+    done = [
+        t
+        for t in trials
+        if t["status"] != "failed" and t["best_valid_map"] is not None and t["checkpoint_path"]
+    ]
     if not done:
         tracking.fail_run(tracking_uri, parent_run_id, RuntimeError("no trial produced a model"))
         raise RuntimeError(f"sweep {name}: no trial reported a validation MAP")
-    best = max(done, key=lambda t: t["best_valid_map"])
-    registered, test_map = _register_best(base, ds, best, tracking_uri)
+    try:
+        best, registered, test_map = _register_first_fit(base, ds, done, tracking_uri)
+    except guards.UnfitModelError as e:
+        tracking.fail_run(tracking_uri, parent_run_id, e)
+        raise RuntimeError(f"sweep {name}: {e}") from e
     best["test_map"] = test_map
     summary = {
         "sweep": name,
@@ -369,12 +376,14 @@ def _collect(grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
         df = res.metrics_dataframe
         best_map = best_ckpt = run_id = None
         epochs = 0
+        losses: dict[str, list[float]] = {}
         if df is not None and len(df) and METRIC in df:
             row = df.loc[df[METRIC].idxmax()]
             best_map = float(row[METRIC])
             best_ckpt = row.get("checkpoint_path") if "checkpoint_path" in df else None
             epochs = int(df["epoch"].max())
             run_id = str(df["mlflow_run_id"].dropna().iloc[-1]) if "mlflow_run_id" in df else None
+            losses = {c: df[c].tolist() for c in df.columns if str(c).startswith("loss")}
         if res.error is not None:
             status = "failed"
         elif epochs >= base.epochs:
@@ -399,9 +408,26 @@ def _collect(grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
                 "mlflow_run_id": run_id,
                 "train_storage": (res.config or {}).get("_train_storage", ""),
                 "error": str(res.error).splitlines()[0][:500] if res.error is not None else None,
+                "losses": losses,
             }
         )
     return trials
+
+
+def _register_first_fit(
+    base: TrainConfig, ds: Any, done: list[dict[str, Any]], tracking_uri: str
+) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, float]]:
+    """Register the best trial whose model passes :func:`pipeline.guards.model_problems`,
+    trying trials in order of validation MAP; raise UnfitModelError when none does."""
+    for candidate in sorted(done, key=lambda t: t["best_valid_map"], reverse=True):
+        try:
+            registered, test_map = _register_best(base, ds, candidate, tracking_uri)
+        except guards.UnfitModelError as e:
+            log.warning("trial %s is not registered: %s", candidate["trial_id"], e)
+            candidate["status"], candidate["error"] = "unfit", str(e)[:500]
+            continue
+        return candidate, registered, test_map
+    raise guards.UnfitModelError(f"none of {len(done)} trials' models passed the checks")
 
 
 def _register_best(
@@ -411,7 +437,6 @@ def _register_best(
     import pyarrow.fs as pafs
 
     from pipeline.data import EvalProtocol
-    from pipeline.train_loop import evaluate_split
     from pipeline.weights import WEIGHTS, load_model_file
 
     ckpt = best["checkpoint_path"]
@@ -424,9 +449,13 @@ def _register_best(
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
         model, _ = load_model_file(local)
-        test_map = evaluate_split(
-            model, EvalProtocol.load(ds, "test", base.eval_top_k), base.eval_batch_size
-        )
+        test = EvalProtocol.load(ds, "test", base.eval_top_k)
+        encoder = guards.CheckedEncoder(model, base.eval_batch_size)
+        codes = test.encode(encoder)
+        problems = guards.model_problems(best.get("losses", {}), model, encoder, codes)
+        if problems:
+            raise guards.UnfitModelError("; ".join(problems))
+        test_map = test.map_of(codes)
         tuned = [k for k in best["config"] if k != "gamma_fraction"]
         cfg = base.replace(**{k: best["config"][k] for k in tuned})
         registered = tracking.finish_run(

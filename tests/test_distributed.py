@@ -93,6 +93,41 @@ def test_resume_continues_from_latest_checkpoint(ray_cluster, tiny_dataset, tmp_
 
 
 @pytest.mark.ray
+def test_resume_falls_back_when_the_latest_checkpoint_is_lost(ray_cluster, tiny_dataset, tmp_path):
+    import json
+    import shutil
+
+    from pipeline.trainer import SNAPSHOT, run_training
+
+    first = run_training(_cfg(tiny_dataset, tmp_path, epochs=3, run_name="lost"))
+    run_dir = tmp_path / "runs" / "lost"
+    snap = json.loads((run_dir / SNAPSHOT).read_text())
+    latest = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    kept = sorted(
+        (r["metrics"]["epoch"], r["checkpoint_dir_name"])
+        for r in snap["checkpoint_results"]
+        if r["checkpoint_dir_name"] != latest
+    )
+    assert kept, "Ray kept only the latest checkpoint"
+    shutil.rmtree(run_dir / latest)
+    with pytest.raises(ConfigError, match=r"config 'lr' = 0\.01 differs from 0\.001"):
+        run_training(_cfg(tiny_dataset, tmp_path, epochs=4, run_name="lost", resume=True, lr=0.01))
+    cfg = _cfg(tiny_dataset, tmp_path, epochs=4, run_name="lost", resume=True)
+    client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
+    assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
+    second = run_training(cfg)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["epochs_run"] == 4
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    fallback_epoch, fallback = kept[-1]
+    assert run.data.tags["resumed_from"] == f"{fallback} (after epoch {fallback_epoch})"
+    assert run.data.tags["resume_changes"] == "epochs: 3 → 4"
+    steps = {s for s, _ in _history(cfg, second["mlflow_run_id"], "valid_map_mean")}
+    assert steps == {1, 2, 3, 4}
+
+
+@pytest.mark.ray
 def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_dataset, tmp_path):
     import ray
 

@@ -81,7 +81,13 @@ def register_small_model(
     model_dir = root / f"weights-{seed}"
     model_dir.mkdir(exist_ok=True)
     save_model_file(model_dir / WEIGHTS, model, arch, {"epoch": 1})
-    config = {"bits": bits, "warmup_epochs": 1, "dataset": dataset, "data_version": data_version}
+    config = {
+        "bits": bits,
+        "method": "rshnl",
+        "warmup_epochs": 1,
+        "dataset": dataset,
+        "data_version": data_version,
+    }
     run_id = tracking.start_run(uri, "tests", f"run-{seed}", config, {"data_version": data_version})
     final = {
         "best_valid_map": {"i2t": valid_map, "t2i": valid_map, "mean": valid_map},

@@ -1,4 +1,5 @@
-"""finish_run: artifacts and plots a reviewer expects, and the champion promotion rule."""
+"""finish_run: artifacts and plots a reviewer expects, and the champion promotion rule
+(the compare-and-set and the broken-run guards: test_promotion.py)."""
 
 from __future__ import annotations
 
@@ -134,6 +135,23 @@ def test_promotion_rule(tmp_path_factory):
     assert "not comparable" in reason and "tiny/v1@aaa" in reason and "tiny/v2@bbb" in reason
     mv5 = client.get_model_version(name, "5")
     assert mv5.tags["promotion"] == "not_promoted" and mv5.tags["data_version"] == "tiny/v2@bbb"
+
+    # a longer code on the same data is another retrieval problem, not a better model
+    longer = register_small_model(
+        root,
+        name=name,
+        valid_map=0.95,
+        seed=6,
+        bits=32,
+        tracking_uri=uri,
+        data_version="tiny/v1@aaa",
+    )
+    assert longer["registered"]["alias"] is None
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "4"
+    reason = longer["registered"]["promotion_reason"]
+    assert "bits 16" in reason and "bits 32" in reason and "differ in bits" in reason
+    mv6 = client.get_model_version(name, "6")
+    assert (mv6.tags["bits"], mv6.tags["method"]) == ("32", "rshnl")
 
 
 def test_finish_run_keeps_the_old_call_and_a_bare_number_as_valid_map(tmp_path_factory):
