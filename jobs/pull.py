@@ -66,8 +66,8 @@ class PulledModel:
         return int(self.arch["image_dim" if modality == "image" else "text_dim"])
 
     def encode(self, features: np.ndarray, modality: str) -> np.ndarray:
-        """±1 int8 codes through the pyfunc's public predict."""
-        return np.asarray(self.pyfunc.predict(features, params={"modality": modality}))
+        """±1 int8 codes through the model's pyfunc predict."""
+        return np.asarray(self.pyfunc.predict(None, features, params={"modality": modality}))
 
 
 def model_uri(ref: str) -> tuple[str, str | None, str | None, str | None]:
@@ -95,10 +95,14 @@ def model_uri(ref: str) -> tuple[str, str | None, str | None, str | None]:
 
 
 def load_registered_model(ref: str, tracking_uri: str) -> PulledModel:
-    """Resolve ``ref`` in the registry at ``tracking_uri`` and load the pyfunc (no Ray)."""
+    """Resolve ``ref`` in the registry at ``tracking_uri`` and load its model (no Ray, no pickle:
+    the model directory is downloaded and read by :func:`pipeline.serving.load_model_dir`)."""
     import mlflow
+    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from pipeline.serving import load_model_dir
 
     uri, name, version, alias = model_uri(ref)
     mlflow.set_tracking_uri(tracking_uri)
@@ -116,23 +120,23 @@ def load_registered_model(ref: str, tracking_uri: str) -> PulledModel:
             f"model '{ref}' not found in the registry at {tracking_uri}: {_first_line(e)}"
         ) from e
     try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as e:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        inner, mlmodel = load_model_dir(local)  # no pickle from the artifact store
+    except (MlflowException, OSError, ValueError) as e:
         raise PullError(f"model '{ref}' could not be loaded from {uri}: {_first_line(e)}") from e
-    run_id = run_id or pyfunc.metadata.run_id
+    run_id = run_id or mlmodel.get("run_id")
     run_tags: dict[str, str] = {}
     if run_id:
         try:
             run_tags = dict(client.get_run(run_id).data.tags)
         except MlflowException as e:
             log.debug("run %s of the model is not readable: %s", run_id, e)
-    inner = pyfunc.unwrap_python_model()
     arch = getattr(inner, "arch", None)
     if not isinstance(arch, dict) or "bits" not in arch:
         raise PullError(f"model '{ref}' is not an RSHNL hash-code model (no architecture)")
     return PulledModel(
         uri=uri,
-        pyfunc=pyfunc,
+        pyfunc=inner,
         arch=dict(arch),
         config=dict(getattr(inner, "config", {}) or {}),
         manifest=dict(getattr(inner, "manifest", {}) or {}),

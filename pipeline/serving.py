@@ -40,7 +40,14 @@ from pipeline.model import MODALITIES, sign_codes
 from pipeline.weights import WEIGHTS, encode, load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
-__all__ = ["WEIGHTS", "HashCodeModel", "encode", "load_model_file", "save_model_file"]
+__all__ = [
+    "WEIGHTS",
+    "HashCodeModel",
+    "encode",
+    "load_model_dir",
+    "load_model_file",
+    "save_model_file",
+]
 
 CONFIG = "config.yaml"
 MANIFEST = "dataset_manifest.json"
@@ -156,6 +163,40 @@ class HashCodeModel(mlflow.pyfunc.PythonModel):
         if modality not in MODALITIES:
             raise ValueError(f"param 'modality' must be one of {MODALITIES}, got {modality!r}")
         return self.encode(model_input, modality, params.get("output") or "codes")
+
+
+class _Context:
+    """The part of MLflow's PythonModelContext that :meth:`HashCodeModel.load_context` reads."""
+
+    def __init__(self, artifacts: dict[str, str]) -> None:
+        self.artifacts = artifacts
+
+
+def load_model_dir(model_dir: str | Path) -> tuple[HashCodeModel, dict[str, Any]]:
+    """A logged pyfunc's :class:`HashCodeModel` from its downloaded directory, without unpickling.
+
+    ``mlflow.pyfunc.load_model`` unpickles ``python_model.pkl`` from the artifact store; this
+    reads only the MLmodel file (YAML) and the artifacts it names (weights with
+    ``torch.load(weights_only=True)``, config YAML, JSON). Returns the model and the MLmodel
+    fields (``run_id``, ``metadata``, ...).
+    """
+    import yaml
+
+    root = Path(model_dir)
+    mlmodel = yaml.safe_load((root / "MLmodel").read_text()) or {}
+    flavor = (mlmodel.get("flavors") or {}).get("python_function") or {}
+    artifacts: dict[str, str] = {}
+    for key, spec in (flavor.get("artifacts") or {}).items():
+        rel = Path(str((spec or {}).get("path", "")))
+        path = (root / rel).resolve()
+        if rel.is_absolute() or root.resolve() not in path.parents:
+            raise ValueError(f"{root / 'MLmodel'}: artifact '{key}' points outside the model")
+        artifacts[key] = str(path)
+    if "weights" not in artifacts:
+        raise ValueError(f"{root / 'MLmodel'}: not a hash-code model (no 'weights' artifact)")
+    model = HashCodeModel()
+    model.load_context(_Context(artifacts))
+    return model, mlmodel
 
 
 def _json_default(o: Any) -> Any:

@@ -236,3 +236,41 @@ def test_bad_query_files_are_refused_before_any_encoding(registry, tmp_path, cap
         msg = _bad_input(caplog, queries(name, a))
         assert f"--queries {tmp_path / name}" in msg and want in msg, msg
         assert not any("encoded" in r.getMessage() for r in caplog.records)  # nothing encoded
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: a stand-in for code planted in a pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pull_never_unpickles_the_stored_python_model(tmp_path, tiny_dataset):
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = register_small_model(
+        tmp_path / "reg", name="pull-planted", dataset=tiny_dataset, tracking_uri=uri
+    )
+    client = MlflowClient(tracking_uri=uri)
+    mv = client.get_model_version("pull-planted", reg["registered"]["version"])
+    store = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "copy")))
+    planted = [p for p in Path(tmp_path).rglob("python_model.pkl") if store not in p.parents]
+    assert planted, "the artifact store holds the logged python_model.pkl"
+    marker = tmp_path / "payload-ran"
+    for p in planted:  # the registry's own copy, as an attacker with store access would
+        p.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(Exception):  # noqa: B017  MLflow's own loader runs the payload ...
+        mlflow.pyfunc.load_model(mv.source)
+    assert marker.exists()
+    marker.unlink()
+    summary = tmp_path / "summary.json"
+    argv = ["--model", "pull-planted@champion", "--tracking-uri", uri, "--k", "3"]
+    assert main([*argv, "--summary-json", str(summary)]) == 0  # ... jobs.pull does not
+    assert not marker.exists()
+    assert json.loads(summary.read_text())["results"]
