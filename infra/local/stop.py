@@ -1,60 +1,176 @@
-"""Stop every process of a local stack: the ones in its pid files and the Ray processes of its
-temp dir (``ray stop`` would also stop unrelated clusters on the machine); exit 1 if any is left."""
+"""Stop every process of a local stack and check that none is left.
+
+up.sh starts each service (S3 endpoint, MLflow, Ray) in a session of its own and records the
+session id in ``STATE/<name>.pid``. A process belongs to the stack when it is in one of those
+sessions (Ray's daemons, the client server included, outlive ``ray start`` but keep its session)
+or descends from one that is (Ray's job drivers open sessions of their own). Nothing is matched by
+name or command line, so other Ray clusters and processes that merely mention the state directory
+are left alone. Exit 0 when the stack is gone, 1 when a process or a recorded port is left, 2 on a
+bad argument.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import psutil
 
+log = logging.getLogger("stack")
 
-def stack_processes(state: Path) -> list[psutil.Process]:
-    procs: dict[int, psutil.Process] = {}
+# Files that hold the stack's credentials or identify its processes; removed once it is down.
+STATE_FILES = (
+    "stack.env",
+    "ports",
+    "ray-token",
+    "runtime-env.yaml",
+    "mlflow-auth.ini",
+    "job-home/.aws/credentials",
+    "job-home/.mlflow/credentials",
+)
+# A recorded session's leader starts just before its pid file is written; the margin covers clocks.
+CLOCK_SLACK_S = 5.0
+
+
+def recorded_sessions(state: Path) -> dict[int, float]:
+    """Session id → the time its pid file was written, for every readable ``*.pid`` file."""
+    sessions: dict[int, float] = {}
     for pid_file in state.glob("*.pid"):
         try:
-            p = psutil.Process(int(pid_file.read_text().strip()))
-        except (ValueError, psutil.NoSuchProcess):
+            sessions[int(pid_file.read_text().strip())] = pid_file.stat().st_mtime
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable pid file %s", pid_file)
+    return sessions
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited); return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _alive(p)]
+    return alive
+
+
+def stack_processes(state: Path) -> list[psutil.Process]:
+    """The live processes of the stack recorded in ``state``: its sessions and their descendants."""
+    sessions = recorded_sessions(state)
+    for sid, written in list(sessions.items()):
+        # A live leader started after its pid file was written holds a recycled id, not ours.
+        try:
+            if psutil.Process(sid).create_time() > written + CLOCK_SLACK_S:
+                del sessions[sid]
+        except psutil.NoSuchProcess:
+            pass  # the leader exited (`ray start` does); its id stays reserved while members live
+    procs: dict[int, psutil.Process] = {}
+    if not sessions:
+        return []
+    me = os.getpid()
+    for p in psutil.process_iter(["create_time"]):
+        if p.pid == me:
             continue
-        procs[p.pid] = p
-    marker = str(state / "ray")
-    for p in psutil.process_iter(["cmdline"]):
-        if any(marker in arg for arg in (p.info["cmdline"] or [])):
+        try:
+            sid = os.getsid(p.pid)
+        except OSError:
+            continue
+        written = sessions.get(sid)
+        if written is not None and p.info["create_time"] >= written - CLOCK_SLACK_S:
             procs[p.pid] = p
     for p in list(procs.values()):
         try:
             for c in p.children(recursive=True):
-                procs[c.pid] = c
+                procs.setdefault(c.pid, c)
         except psutil.NoSuchProcess:
             pass
-    return list(procs.values())
+    return [p for p in procs.values() if _alive(p) and p.pid != me]
 
 
-def main(state: Path) -> int:
+def recorded_ports(state: Path) -> list[int]:
+    """The TCP ports up.sh recorded for the stack (none if it recorded none)."""
+    try:
+        return [int(x) for x in (state / "ports").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def listening(ports: list[int]) -> dict[int, int | None]:
+    """Port → pid (None when not visible) for each of ``ports`` with a listening socket."""
+    wanted = set(ports)
+    found: dict[int, int | None] = {}
+    try:
+        conns = psutil.net_connections("inet")
+    except psutil.AccessDenied:
+        return found
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in wanted:
+            found[c.laddr.port] = c.pid
+    return found
+
+
+def stop(state: Path, timeout: float = 15.0) -> int:
+    """Terminate the stack's processes (SIGKILL after ``timeout`` s); 0 when nothing is left."""
     procs = stack_processes(state)
     for p in procs:
         try:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    alive = _wait_gone(procs, timeout)
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=10)
-    time.sleep(0.5)
-    left = [p for p in stack_processes(state) if p.is_running()]
-    for f in [*state.glob("*.pid"), state / "stack.env"]:
-        f.unlink(missing_ok=True)
-    if left:
-        print(f"[stack] still running: {[p.pid for p in left]}", file=sys.stderr)
+    _wait_gone(alive, 10)
+    # Processes forked while the first ones were stopping (a worker restarting) go the same way.
+    late = stack_processes(state)
+    for p in late:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _wait_gone(late, 10)
+    left = stack_processes(state)
+    open_ports = listening(recorded_ports(state))
+    if left or open_ports:
+        if left:
+            log.error("still running: %s", sorted(p.pid for p in left))
+        if open_ports:
+            log.error("ports still listening (port: pid): %s", open_ports)
         return 1
-    print(f"[stack] stopped {len(procs)} processes; nothing left", file=sys.stderr)
+    for f in [*state.glob("*.pid"), *(state / name for name in STATE_FILES)]:
+        f.unlink(missing_ok=True)
+    log.info("stopped %d processes; nothing left", len(procs) + len(late))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``stop.py [STATE]``: stop the stack recorded in STATE (default /tmp/rshnl-stack)."""
+    logging.basicConfig(level=logging.INFO, format="[stack] %(message)s", stream=sys.stderr)
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1:
+        log.error("usage: stop.py [STATE_DIR]")
+        return 2
+    state = Path(args[0] if args else "/tmp/rshnl-stack")
+    if state.exists() and not state.is_dir():
+        log.error("%s is not a directory", state)
+        return 2
+    if not state.is_dir():
+        log.info("no stack recorded in %s", state)
+        return 0
+    return stop(state)
+
+
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/rshnl-stack")))
+    sys.exit(main())
