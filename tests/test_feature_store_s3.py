@@ -7,13 +7,6 @@ Endpoint, region and credentials reach the code only through the standard AWS va
 
 from __future__ import annotations
 
-import json
-import logging
-import socket
-import urllib.request
-import uuid
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -25,73 +18,6 @@ from feature_store.synthetic import generate_plan
 from jobs.ingest import main as ingest_main
 
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[dict[str, str]]:
-    """A moto S3 server on a free local port with one IAM user whose key may use S3."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        iam = boto3.client(
-            "iam",
-            endpoint_url=endpoint,
-            region_name=REGION,
-            aws_access_key_id="bootstrap",
-            aws_secret_access_key="bootstrap",
-        )
-        iam.create_user(UserName="feature-store")
-        policy = {
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-        }
-        iam.put_user_policy(
-            UserName="feature-store", PolicyName="s3", PolicyDocument=json.dumps(policy)
-        )
-        key = iam.create_access_key(UserName="feature-store")["AccessKey"]
-        # from now on every request must be signed with a known key
-        req = urllib.request.Request(
-            f"{endpoint}/moto-api/reset-auth",
-            data=b"0",
-            method="POST",
-            headers={"Content-Type": "text/plain"},
-        )
-        urllib.request.urlopen(req, timeout=30).read()
-        yield {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-            "AWS_DEFAULT_REGION": REGION,
-        }
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch) -> Iterator[tuple[str, object]]:
-    """The AWS variables set for one test, and a fresh bucket; yields (bucket, boto3 client)."""
-    import boto3
-
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in s3_server.items():
-        monkeypatch.setenv(var, value)
-    bucket = f"fs-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name=REGION)
-    client.create_bucket(Bucket=bucket)
-    yield bucket, client
 
 
 def _keys(client, bucket: str) -> list[str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from test_feature_store_s3 import s3, s3_server  # noqa: F401  (fixtures)
 
 from feature_store.store import open_dataset
 from pipeline import tracking, trainer
@@ -294,7 +293,7 @@ def test_failure_after_the_run_started_marks_it_failed(tiny_dataset, tmp_path, m
 def test_missing_s3_bucket_is_bad_input_and_starts_no_run(
     tiny_dataset,
     tmp_path,
-    s3,  # noqa: F811  (the fixture imported above)
+    s3,
     monkeypatch,
 ):
     bucket, client = s3
