@@ -45,7 +45,11 @@ class TrainConfig:
     warmup_epochs: int = 5  # N_w of Eq 9
     chl_exclude_self: bool = False  # Eq 2 as written includes j = m; True as in the authors' code
     centers: str = "learned"  # "learned" (center network), or fixed "random" / "hadamard" ±1 rows
-    weighting: str = "spl"  # after warm-up: spl (Eq 12), hard (RSHNL-S), none, small_loss
+    weighting: str = "spl"  # after warm-up: spl (Eq 12), hard (RSHNL-S), none, small_loss, mixture
+    # γ of Eq 12: "fixed" (the paper's), or "mixture": where P(clean | ℓ) = ½ under a two-component
+    # Gaussian mixture fitted on the previous epoch's ℓ_i of the whole training set
+    gamma_mode: str = "fixed"
+    tau_center: float = 0.0  # τ of Eq 4 alone (0: the shared tau of Eq 2/4)
     loss_form: str = "robust"  # robust terms of Eq 3/7, or "ce" (−log p, non-robust baselines)
     keep_rate: float = 0.0  # small_loss: share kept per batch; 0 = 1 − the data's noise rate
     # SCBCH (method "scbch"): alpha·BSCH + beta·quantisation + reliability-weighted BCE
@@ -133,10 +137,12 @@ class TrainConfig:
             "must be 'auto', 'on' or 'off'",
         )
         need(
-            self.weighting in ("spl", "hard", "none", "small_loss"),
+            self.weighting in ("spl", "hard", "none", "small_loss", "mixture"),
             "weighting",
-            "must be 'spl', 'hard', 'none' or 'small_loss'",
+            "must be 'spl', 'hard', 'none', 'small_loss' or 'mixture'",
         )
+        need(self.gamma_mode in ("fixed", "mixture"), "gamma_mode", "must be 'fixed' or 'mixture'")
+        need(self.tau_center >= 0, "tau_center", "must be ≥ 0 (0: the shared tau)")
         need(self.loss_form in ("robust", "ce"), "loss_form", "must be 'robust' or 'ce'")
         need(0 <= self.keep_rate <= 1, "keep_rate", "must be in [0, 1] (0: 1 − noise rate)")
         need(self.gamma > 0, "gamma", "the learning pace γ must be > 0 (Eq 12)")
@@ -161,7 +167,11 @@ class TrainConfig:
         need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")
         need(self.center_sync_check_every >= 0, "center_sync_check_every", "must be ≥ 0")
         bound = ell_max(self.r, NUM_MODALITIES)
-        uses_gamma = self.method == "rshnl" and self.weighting in ("spl", "hard")
+        uses_gamma = (
+            self.method == "rshnl"
+            and self.weighting in ("spl", "hard")
+            and self.gamma_mode == "fixed"
+        )
         if uses_gamma and self.gamma >= bound:
             if not self.allow_gamma_above_ell_max:
                 raise ConfigError(

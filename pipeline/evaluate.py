@@ -726,6 +726,56 @@ def noise_detection(weights: Any, is_noisy: Any) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def roc_auc(scores: Any, positive: Any) -> float:
+    """ROC AUC of ``scores`` for the ``positive`` items (Mann–Whitney U / (n₊ n₋), ties count ½).
+
+    Average ranks make ties exact: AUC = P(s₊ > s₋) + ½ P(s₊ = s₋). NaN without both classes.
+    """
+    s = _as_numpy(scores).astype(np.float64).ravel()
+    pos = _as_numpy(positive).astype(bool).ravel()
+    if s.shape != pos.shape:
+        raise ValueError(f"scores {s.shape} and labels {pos.shape} do not align")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], s.size]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = 0.5 * (a + b + 1)  # mean of the 1-based ranks a+1 .. b
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def noise_detection_report(
+    weights: Any, scores: Any, is_noisy: Any, threshold: float = 0.0
+) -> dict[str, float]:
+    """Noise detection of one epoch: the flagged set (weight ≤ ``threshold``) and the ranking.
+
+    ``auc``: ROC AUC of ``scores`` (the pair loss ℓ_i, higher = more likely mislabeled) against
+    ``is_noisy``; ``weight_auc``: the same for −weight; ``precision``/``recall``/``f1`` of the
+    flagged set; the mean weight of clean and of noisy items; the share with weight 0 and flagged.
+    """
+    w = _as_numpy(weights).astype(np.float64).ravel()
+    noisy = _as_numpy(is_noisy).astype(bool).ravel()
+    flagged = noise_detection(w - threshold, noisy)
+
+    def mean(a: np.ndarray) -> float:
+        return float(a.mean()) if a.size else float("nan")
+
+    return {
+        "auc": roc_auc(scores, noisy),
+        "weight_auc": roc_auc(-w, noisy),
+        **flagged,
+        "clean_mean_weight": mean(w[~noisy]),
+        "noisy_mean_weight": mean(w[noisy]),
+        "zero_weight_share": mean((w <= 0).astype(np.float64)),
+        "flagged_share": mean((w <= threshold).astype(np.float64)),
+    }
+
+
 def weight_histogram(weights: Any, is_noisy: Any, bins: int = 20) -> dict[str, list[Any]]:
     """Histogram of SPL weights over [0, 1] for clean and for noisy items.
 

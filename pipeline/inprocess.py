@@ -18,11 +18,26 @@ import torch
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion, open_dataset
+from pipeline import evaluate
 from pipeline.config import TrainConfig
-from pipeline.data import EvalProtocol, feature_normalisation
+from pipeline.data import EvalProtocol, feature_normalisation, noise_flags
+from pipeline.losses import fit_loss_mixture
 from pipeline.model import RSHNLModel, fixed_centers
-from pipeline.step import build_model, compute_loss, seed_everything, train_set_reliability
-from pipeline.train_loop import checkpoint_score, evaluate_split, resolve_keep_rate
+from pipeline.step import (
+    build_model,
+    compute_loss,
+    epoch_gamma,
+    needs_loss_mixture,
+    seed_everything,
+    train_set_reliability,
+)
+from pipeline.train_loop import (
+    DETECTION_KEYS,
+    checkpoint_score,
+    detection_threshold,
+    evaluate_split,
+    resolve_keep_rate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +101,9 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     best_score, best_state, best_valid, best_epoch = -1.0, None, {}, 0
     train_s, eval_s = [], []
+    n_train = image.shape[0]
+    mixture, history, det = None, {}, {}
+    is_noisy = noise_flags(ds)[1]  # measurement only, row order of the train split; not in the loss
     for epoch in range(cfg.epochs):
         _sync(dev)
         t0 = time.perf_counter()
@@ -94,30 +112,50 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
             w_all = train_set_reliability(model, a[S.IMAGE], a[S.TEXT], a[S.LABEL], cfg, dev)
             w_all = w_all.to(dev)
         perm = torch.randperm(image.shape[0], generator=gen).to(dev)
+        ell_rows = np.zeros(n_train, dtype=np.float64)
+        mixture_used = mixture
+        w_rows = np.zeros(n_train, dtype=np.float64)
         for s in range(0, image.shape[0], cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             w = None if w_all is None else w_all[idx]
-            terms = compute_loss(model, image[idx], text[idx], label[idx], cfg, epoch, False, w)
+            terms = compute_loss(
+                model, image[idx], text[idx], label[idx], cfg, epoch, False, w, mixture=mixture
+            )
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
             opt.step()
+            rows = idx.cpu().numpy()
+            ell_rows[rows] = terms.ell.double().cpu().numpy()
+            w_rows[rows] = terms.weights.detach().double().cpu().numpy()
+        if needs_loss_mixture(cfg):
+            mixture = fit_loss_mixture(ell_rows)  # used by the next epoch
         _sync(dev)
         train_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         vmap = evaluate_split(model, valid, cfg.eval_batch_size)
         eval_s.append(time.perf_counter() - t0)
+        det = evaluate.noise_detection_report(w_rows, ell_rows, is_noisy, detection_threshold(cfg))
+        history.setdefault("valid_map_mean", []).append(vmap["mean"])
+        history.setdefault("gamma", []).append(epoch_gamma(cfg, mixture_used))
+        for k in DETECTION_KEYS:
+            history.setdefault(f"noise_{k}", []).append(det[k])
         score = checkpoint_score(vmap["mean"], epoch + 1)
         if score > best_score:
             best_score, best_valid, best_epoch = score, vmap, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
         log.info(
-            "epoch %d/%d loss=%.4f valid_map=%.4f best=%.4f@%d train %.3fs",
+            "epoch %d/%d loss=%.4f valid_map=%.4f best=%.4f@%d auc=%.3f w_clean/noisy=%.3f/%.3f "
+            "zero_w=%.3f train %.3fs",
             epoch + 1,
             cfg.epochs,
             terms.total.item(),
             vmap["mean"],
             best_valid["mean"],
             best_epoch,
+            det["auc"],
+            det["clean_mean_weight"],
+            det["noisy_mean_weight"],
+            det["zero_weight_share"],
             train_s[-1],
         )
     assert best_state is not None
@@ -136,6 +174,8 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
         "valid_eval_seconds_per_epoch": float(np.mean(eval_s)),
         "test_eval_seconds": test_eval,
         "wall_seconds": float(np.sum(train_s) + np.sum(eval_s) + test_eval),
+        "noise_detection": {k: float(det[k]) for k in DETECTION_KEYS},
+        "history": history,
         "mlflow_run_id": "",
         "restarts": 0,
         "dataset": ds.uri,

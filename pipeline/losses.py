@@ -7,8 +7,10 @@ L2-normalised outputs of the hash heads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -140,6 +142,82 @@ def self_paced_loss(ell: torch.Tensor, w: torch.Tensor, gamma: float) -> torch.T
     return (w * ell).mean() + spl_regularizer(w, gamma).mean()
 
 
+@dataclass(frozen=True)
+class LossMixture:
+    """Two-component 1-D Gaussian mixture on ℓ_i: component 0 (lower mean) is "clean".
+
+    A data-driven replacement for the fixed γ of Eq 12, fitted on the previous epoch's ℓ_i of the
+    whole training set (every rank fits the same gathered values, so every rank gets the same fit).
+    """
+
+    pi: tuple[float, float]
+    mean: tuple[float, float]
+    var: tuple[float, float]
+
+    def clean_posterior(self, ell: torch.Tensor) -> torch.Tensor:
+        """P(clean | ℓ_i), with ℓ_i clipped to [mean_0, mean_1] so the weight falls with ℓ_i."""
+        if not self.mean[1] > self.mean[0]:
+            return torch.ones_like(ell)
+        x = ell.detach().double().clamp(self.mean[0], self.mean[1])
+        logs = [
+            math.log(self.pi[c]) - 0.5 * math.log(2 * math.pi * self.var[c])
+            - (x - self.mean[c]) ** 2 / (2 * self.var[c])
+            for c in (0, 1)
+        ]  # fmt: skip
+        return torch.sigmoid(logs[0] - logs[1]).to(ell.dtype)
+
+    def boundary(self) -> float:
+        """The ℓ in [mean_0, mean_1] where P(clean | ℓ) = ½ (bisection); γ for ``gamma_mode``."""
+        lo, hi = self.mean
+        if not hi > lo:
+            return float("inf")
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            p = float(self.clean_posterior(torch.tensor([mid], dtype=torch.float64))[0])
+            lo, hi = (mid, hi) if p > 0.5 else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LossMixture:
+        return cls(**{k: tuple(float(v) for v in d[k]) for k in ("pi", "mean", "var")})
+
+
+def fit_loss_mixture(
+    ell: Any, iters: int = 100, var_floor: float = 1e-6, min_pi: float = 1e-3
+) -> LossMixture:
+    """EM for a two-component Gaussian mixture on ℓ_i (float64, deterministic).
+
+    Starts from the lower and upper halves of the sorted values (means and variances of each
+    half, equal shares); component 0 is the one with the lower mean.
+    """
+    x = np.sort(np.asarray(ell, dtype=np.float64).ravel())
+    if x.size < 2 or float(x[-1] - x[0]) <= 0.0:
+        m = float(x.mean()) if x.size else 0.0
+        return LossMixture((0.5, 0.5), (m, m), (1.0, 1.0))
+    floor = max(var_floor, 1e-6 * float(x.var()))
+    h = x.size // 2
+    mean = np.array([x[:h].mean(), x[h:].mean()])
+    var = np.maximum(np.array([x[:h].var(), x[h:].var()]), floor)
+    pi = np.array([0.5, 0.5])
+    for _ in range(iters):
+        logp = np.log(pi) - 0.5 * np.log(2 * np.pi * var) - (x[:, None] - mean) ** 2 / (2 * var)
+        logp -= logp.max(axis=1, keepdims=True)
+        resp = np.exp(logp)
+        resp /= resp.sum(axis=1, keepdims=True)
+        nk = resp.sum(axis=0) + 1e-12
+        pi = np.clip(nk / x.size, min_pi, 1.0 - min_pi)
+        mean = (resp * x[:, None]).sum(axis=0) / nk
+        var = np.maximum((resp * (x[:, None] - mean) ** 2).sum(axis=0) / nk, floor)
+    o = np.argsort(mean, kind="stable")
+    return LossMixture(
+        tuple(float(v) for v in pi[o]), tuple(float(v) for v in mean[o]),
+        tuple(float(v) for v in var[o]),
+    )  # fmt: skip
+
+
 def ell_max(r: float, num_modalities: int = 2) -> float:
     """ℓ_i^max = M(r² − r + 1)/r of Eq 14: the upper bound of ℓ_i, hence of a useful γ."""
     return num_modalities * (r * r - r + 1.0) / r
@@ -175,19 +253,24 @@ def rshnl_objective(
     weighting: str = "spl",
     loss_form: str = "robust",
     keep_rate: float = 1.0,
+    tau_center: float = 0.0,
+    mixture: LossMixture | None = None,
 ) -> LossTerms:
     """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C.
 
     ``all_codes``/``offset``: CHL negatives from every worker (see ``chl_probabilities``).
     Variants for ablations and baselines after warm-up: ``weighting`` "spl" (Eq 12), "hard"
     (RSHNL-S), "none" (L_p throughout, RSHNL-3 / plain), "small_loss" (keep ``keep_rate`` of the
-    batch with the smallest ℓ_i, mean over the kept); ``loss_form`` "ce" swaps the robust terms
-    of Eq 3/7 for −log p.
+    batch with the smallest ℓ_i, mean over the kept), "mixture" (w_i = P(clean | ℓ_i) under
+    ``mixture``, the previous epoch's fit; all ones without one); ``loss_form`` "ce" swaps the
+    robust terms of Eq 3/7 for −log p. ``tau_center`` > 0 is τ of Eq 4 alone (0: ``tau``).
     """
     codes = [h_image, h_text]
     l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset, loss_form)
-    ell = pair_losses(codes, centers, labels, tau, r, loss_form)
+    ell = pair_losses(codes, centers, labels, tau_center or tau, r, loss_form)
     w = spl_weights(ell, gamma)
+    if weighting == "mixture":
+        w = mixture.clean_posterior(ell) if mixture is not None else torch.ones_like(ell)
     warm = epoch < warmup_epochs
     if warm or weighting == "none":
         center = center_aggregation_loss(ell)
@@ -199,6 +282,8 @@ def rshnl_objective(
     elif weighting == "small_loss":
         w = small_loss_weights(ell, keep_rate)
         center = (w * ell).sum() / w.sum().clamp_min(1.0)
+    elif weighting == "mixture":
+        center = (w * ell).mean()
     else:
         raise ValueError(f"unknown weighting {weighting!r}")
     if weighting == "none" and not warm:

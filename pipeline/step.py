@@ -7,6 +7,7 @@ can be checked against one process on the concatenated batch.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from contextlib import nullcontext
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
-from pipeline.losses import LossTerms, rshnl_objective
+from pipeline.losses import LossMixture, LossTerms, rshnl_objective
 from pipeline.model import RSHNLModel
 from pipeline.scbch import reliability_weights, scbch_objective
 
@@ -83,8 +84,12 @@ def compute_loss(
     epoch: int,
     global_negatives: bool,
     weights: torch.Tensor | None = None,
+    mixture: LossMixture | None = None,
 ) -> LossTerms:
     """Forward pass and the objective of Eq 9 for one local batch.
+
+    ``mixture``: the loss mixture fitted on the previous epoch's ℓ_i of the whole training set,
+    used by ``weighting: mixture`` and ``gamma_mode: mixture`` (γ at its P(clean) = ½ point).
 
     With ``global_negatives`` the CHL denominator (Eq 2) runs over every rank's codes; each rank's
     loss is a mean over its own items, so DDP's gradient average equals the gradient of the loss of
@@ -108,7 +113,7 @@ def compute_loss(
         label,
         epoch=epoch,
         warmup_epochs=cfg.warmup_epochs,
-        gamma=cfg.gamma,
+        gamma=epoch_gamma(cfg, mixture),
         alpha=cfg.alpha,
         r=cfg.r,
         tau=cfg.tau,
@@ -118,7 +123,22 @@ def compute_loss(
         weighting=cfg.weighting,
         loss_form=cfg.loss_form,
         keep_rate=cfg.keep_rate or 1.0,
+        tau_center=cfg.tau_center,
+        mixture=mixture,
     )
+
+
+def needs_loss_mixture(cfg: TrainConfig) -> bool:
+    """Whether the run fits a loss mixture on each epoch's ℓ_i (``weighting``/``gamma_mode``)."""
+    return cfg.method == "rshnl" and (cfg.weighting == "mixture" or cfg.gamma_mode == "mixture")
+
+
+def epoch_gamma(cfg: TrainConfig, mixture: LossMixture | None) -> float:
+    """γ of Eq 12 for this epoch: ``cfg.gamma``, or the mixture's P(clean) = ½ point."""
+    if cfg.gamma_mode == "mixture" and mixture is not None:
+        b = mixture.boundary()
+        return b if math.isfinite(b) and b > 0 else cfg.gamma
+    return cfg.gamma
 
 
 def _scbch_loss(

@@ -23,6 +23,7 @@ from feature_store.store import open_dataset
 from pipeline import evaluate
 from pipeline.config import TrainConfig
 from pipeline.data import EvalProtocol, local_shuffle_seed, noise_flags
+from pipeline.losses import LossMixture, fit_loss_mixture
 from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.step import (
     arch_of,
@@ -30,7 +31,9 @@ from pipeline.step import (
     build_model,
     center_checksum,
     compute_loss,
+    epoch_gamma,
     is_distributed,
+    needs_loss_mixture,
     seed_everything,
     train_set_reliability,
 )
@@ -41,6 +44,18 @@ log = logging.getLogger("pipeline.train")
 STATE = "train_state.pt"
 SCORE = "checkpoint_score"  # validation MAP (mean), ties broken towards the later epoch
 HIST_EDGES = np.linspace(0.0, 1.0, 21)
+# noise_detection_report keys in the summary; per epoch as noise_<key> (auc: of ℓ_i vs is_noisy)
+DETECTION_KEYS = (
+    "auc",
+    "weight_auc",
+    "precision",
+    "recall",
+    "f1",
+    "clean_mean_weight",
+    "noisy_mean_weight",
+    "zero_weight_share",
+    "flagged_share",
+)
 _BATCH_DTYPES = {
     "item_id": torch.int64,
     "image": torch.float32,
@@ -69,8 +84,11 @@ def evaluate_split(model: RSHNLModel, protocol: EvalProtocol, batch_size: int) -
 
 
 def detection_threshold(cfg: TrainConfig) -> float:
-    """Weights at or below this flag a pair as noisy: 0 for SPL; cos ≤ ½ for SCBCH's weights."""
-    return cfg.scbch_g + (1.0 - cfg.scbch_g) * 0.5 if cfg.method == "scbch" else 0.0
+    """Weights at or below this flag a pair as noisy: 0 for SPL; cos ≤ ½ for SCBCH's weights;
+    P(clean | ℓ) ≤ ½ for the mixture weights."""
+    if cfg.method == "scbch":
+        return cfg.scbch_g + (1.0 - cfg.scbch_g) * 0.5
+    return 0.5 if cfg.weighting == "mixture" else 0.0
 
 
 class _Timer:
@@ -247,6 +265,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
         id_order = np.argsort(train_rows["item_id"])
         sorted_ids = torch.as_tensor(train_rows["item_id"][id_order])
     pair_weights = None
+    # the loss mixture of the previous epoch (every rank fits the same gathered ℓ_i)
+    mixture = None
+    if history.get("mixture_mean_clean"):
+        mixture = LossMixture(*(tuple(history[f"mixture_{k}_{c}"][-1] for c in ("clean", "noisy"))
+                                for k in ("pi", "mean", "var")))  # fmt: skip
 
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
@@ -255,7 +278,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         timer = _Timer()
         t_epoch = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # total, chl, center, n
-        ids_l, w_l = [], []
+        ids_l, w_l, ell_l = [], [], []
+        gamma = epoch_gamma(cfg, mixture)
         if train_rows is not None and epoch >= cfg.warmup_epochs:
             t0 = time.perf_counter()
             w_rows = train_set_reliability(
@@ -292,6 +316,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 epoch,
                 global_negatives,
                 batch_w,
+                mixture=mixture,
             )
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()  # DDP all-reduces gradients here
@@ -305,6 +330,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             )
             ids_l.append(batch["item_id"].cpu())
             w_l.append(terms.weights.cpu())
+            ell_l.append(terms.ell.detach().float().cpu())
             if cfg.center_sync_check_every and step % cfg.center_sync_check_every == 0:
                 if is_distributed():
                     with torch.no_grad():
@@ -314,14 +340,18 @@ def train_func(loop_config: dict[str, Any]) -> None:
             last_centers = core.center_net().float().cpu()
         ids = torch.cat(ids_l).numpy() if ids_l else np.zeros(0, dtype=np.int64)
         weights = torch.cat(w_l).numpy() if w_l else np.zeros(0, dtype=np.float32)
+        ell = torch.cat(ell_l).numpy() if ell_l else np.zeros(0, dtype=np.float32)
         checksums: list[Any] = [center_checksum(last_centers)]
         if is_distributed():
             dist.all_reduce(sums)
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (ids, weights, checksums[0]))
+            dist.all_gather_object(gathered, (ids, weights, checksums[0], ell))
             ids = np.concatenate([g[0] for g in gathered])
             weights = np.concatenate([g[1] for g in gathered])
             checksums = [g[2] for g in gathered]
+            ell = np.concatenate([g[3] for g in gathered])
+        if needs_loss_mixture(cfg) and ell.size:
+            mixture = fit_loss_mixture(ell)  # the whole training set's ℓ_i, for the next epoch
         timer.add("gather", time.perf_counter() - t0)
         seconds.append(timer.t.get("data_wait", 0.0) + timer.t.get("step", 0.0))
 
@@ -333,7 +363,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
             item_ids, is_noisy = flags
             order = np.argsort(item_ids)
             noisy_of_batch = is_noisy[order][np.searchsorted(item_ids[order], ids)]
-            det = evaluate.noise_detection(weights - detection_threshold(cfg), noisy_of_batch)
+            det = evaluate.noise_detection_report(
+                weights, ell, noisy_of_batch, detection_threshold(cfg)
+            )
             timer.add("eval", time.perf_counter() - t0)
             score = checkpoint_score(vmap["mean"], epoch + 1)
             if score > best_score:
@@ -356,6 +388,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "noise_precision": float(det["precision"]),
                     "noise_recall": float(det["recall"]),
                     "noise_f1": float(det["f1"]),
+                    **{
+                        f"noise_{k}": float(det[k])
+                        for k in DETECTION_KEYS
+                        if k not in ("precision", "recall", "f1", "zero_weight_share")
+                    },
+                    "gamma": float(gamma),
                     "epoch_seconds": seconds[-1],
                     "warmup": float(epoch < cfg.warmup_epochs),
                 }
@@ -371,14 +409,23 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 "zero_weight_share",
                 "noise_precision",
                 "noise_recall",
+                "noise_auc",
+                "noise_clean_mean_weight",
+                "noise_noisy_mean_weight",
+                "gamma",
             ):
                 history.setdefault(key, []).append(metrics[key])
+            if mixture is not None:  # the fit the next epoch uses (numbers only, for resuming)
+                for k, v in mixture.to_dict().items():
+                    for c, x in zip(("clean", "noisy"), v, strict=True):
+                        history.setdefault(f"mixture_{k}_{c}", []).append(float(x))
             for name, mask in (("clean", ~noisy_of_batch), ("noisy", noisy_of_batch)):
                 counts, _ = np.histogram(weights[mask], bins=HIST_EDGES)
                 history[f"weight_hist_{name}"].append(counts.tolist())
             log.info(
                 "epoch %d/%d loss=%.4f chl=%.4f center=%.4f valid_map=%.4f (i2t %.4f t2i %.4f) "
-                "best=%.4f@%d zero_w=%.3f noise_p/r=%.3f/%.3f train %.1fs (data %.2fs)",
+                "best=%.4f@%d zero_w=%.3f noise_p/r=%.3f/%.3f auc=%.3f w_clean/noisy=%.3f/%.3f "
+                "train %.1fs (data %.2fs)",
                 epoch + 1,
                 cfg.epochs,
                 metrics["loss"],
@@ -392,6 +439,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 metrics["zero_weight_share"],
                 det["precision"],
                 det["recall"],
+                det["auc"],
+                det["clean_mean_weight"],
+                det["noisy_mean_weight"],
                 seconds[-1],
                 timer.t.get("data_wait", 0.0),
             )
@@ -416,10 +466,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 {
                     "center_checksums": checksums,
                     "seconds_per_epoch": float(np.mean(seconds)),
-                    "noise_detection": {
-                        "precision": float(det["precision"]),
-                        "recall": float(det["recall"]),
-                    },
+                    "noise_detection": {k: float(det[k]) for k in DETECTION_KEYS},
                     "worker_nodes": nodes,
                     "mlflow_run_id": loop_config.get("run_id") or "",
                     "global_negatives": global_negatives,

@@ -106,6 +106,13 @@ def test_method_overrides():
     assert (plain.loss_form, plain.weighting) == ("ce", "none")
     assert apply_method("small-loss", base).weighting == "small_loss"
     assert apply_method("SCBCH", base).method == "scbch"
-    assert len(METHODS) == 9
+    m = apply_method("RSHNL-M", base)
+    assert (m.weighting, m.gamma_mode, m.tau_center) == ("mixture", "fixed", 0.2)
+    g = apply_method("RSHNL-G", base)
+    assert (g.weighting, g.gamma_mode) == ("spl", "mixture")
+    paper = apply_method("RSHNL-P", m)  # restores the paper's NSH on top of any config
+    assert (paper.weighting, paper.gamma_mode, paper.tau_center) == ("spl", "fixed", 0.0)
+    assert paper.replace(tau_center=0.0) == base.replace(tau_center=0.0)
+    assert len(METHODS) == 12
     with pytest.raises(ConfigError, match="unknown method 'RSHNL-9'"):
         apply_method("RSHNL-9", base)

@@ -44,7 +44,10 @@ def test_summary_contract(tiny_run):
         assert 0.0 <= s[key]["mean"] <= 1.0
     assert s["epochs_run"] == 3 and 1 <= s["best_epoch"] <= 3
     assert s["seconds_per_epoch"] > 0
-    assert set(s["noise_detection"]) == {"precision", "recall"}
+    assert {"auc", "precision", "recall", "clean_mean_weight", "noisy_mean_weight"} <= set(
+        s["noise_detection"]
+    )
+    assert 0.0 <= s["noise_detection"]["auc"] <= 1.0
     assert s["restarts"] == 0
     reg = s["registered_model"]
     assert (reg["name"], reg["version"]) == ("rshnl-test", "1")
@@ -67,7 +70,15 @@ def test_mlflow_run_metrics_and_registered_model(tiny_run):
     assert "code_digest" in run.data.tags and "git_commit" in run.data.tags
     history = client.get_metric_history(run.info.run_id, "valid_map_mean")
     assert [m.step for m in history] == [1, 2, 3]
-    for key in ("loss_chl", "loss_center", "zero_weight_share", "noise_precision", "noise_recall"):
+    for key in (
+        "loss_chl",
+        "loss_center",
+        "zero_weight_share",
+        "noise_precision",
+        "noise_recall",
+        "noise_auc",
+        "noise_clean_mean_weight",
+    ):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3
     assert run.data.metrics["final/test_map_mean"] == pytest.approx(s["test_map"]["mean"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
