@@ -587,17 +587,19 @@ def manifest_problem(m: Any) -> str | None:
     return None
 
 
-def _read_manifest(fs: pafs.FileSystem, mpath: str) -> dict[str, Any]:
-    """A version's manifest; FeatureStoreError (naming the file and why) when it is unusable."""
+def _read_manifest(fs: pafs.FileSystem, mpath: str, shown: str | None = None) -> dict[str, Any]:
+    """A version's manifest; FeatureStoreError (naming the file, as ``shown`` if given, and why)
+    when it is unusable."""
+    shown = shown or mpath
     with fs.open_input_stream(mpath) as f:
         raw = f.read()
     try:
         m = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FeatureStoreError(f"{mpath} is not valid JSON ({e})") from e
+        raise FeatureStoreError(f"{shown} is not valid JSON ({e})") from e
     problem = manifest_problem(m)
     if problem:
-        raise FeatureStoreError(f"{mpath}: {problem}")
+        raise FeatureStoreError(f"{shown}: {problem}")
     return m
 
 
@@ -1009,15 +1011,7 @@ def open_dataset(uri: str, *, verify: bool = True) -> DatasetVersion:
         raise FeatureStoreError(
             f"dataset '{uri}' has no {MANIFEST}" + _dataset_hint(fs, path, loc.uri)
         )
-    with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-        raw = f.read()
-    try:
-        manifest = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FeatureStoreError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from e
-    problem = manifest_problem(manifest)
-    if problem:
-        raise FeatureStoreError(f"{uri}/{MANIFEST}: {problem}")
+    manifest = _read_manifest(fs, f"{path}/{MANIFEST}", f"{uri}/{MANIFEST}")
     ds = DatasetVersion(uri=loc.uri, manifest=manifest, _fs=fs, _path=path)
     for fname, meta in manifest["files"].items():
         fpath = ds.file_path(fname)

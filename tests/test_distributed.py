@@ -54,7 +54,10 @@ def test_fixed_centers_are_seeded_normalised_signs():
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("workers,centers", [(3, "learned"), (2, "random"), (3, "hadamard")])
+@pytest.mark.parametrize(
+    "workers,centers",
+    [(3, "learned"), (2, "random"), pytest.param(3, "hadamard", marks=pytest.mark.slow)],
+)
 def test_centers_bit_identical_on_every_rank(ray_cluster, tiny_dataset, tmp_path, workers, centers):
     from pipeline.trainer import run_training
 
@@ -77,6 +80,7 @@ def test_centers_bit_identical_on_every_rank(ray_cluster, tiny_dataset, tmp_path
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the default tier resumes in test_resume_falls_back_when_the_latest_...
 def test_resume_continues_from_latest_checkpoint(ray_cluster, tiny_dataset, tmp_path):
     from pipeline.trainer import run_training
 
@@ -128,6 +132,7 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_lost(ray_cluster, tiny_
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # about a minute of Ray Train restarts
 def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_dataset, tmp_path):
     import ray
 

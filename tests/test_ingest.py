@@ -49,7 +49,7 @@ def _bad(caplog, *argv: str) -> str:
         run_main(lambda: main(list(argv)))
     assert e.value.code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith("bad input: ")
+    assert len(errors) == 1 and errors[0].startswith("bad input: ") and "\n" not in errors[0]
     return errors[0]
 
 

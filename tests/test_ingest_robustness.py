@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io as sio
+from test_ingest import _bad
 
 from feature_store import store as store_mod
 from jobs._cli import run_main
@@ -23,17 +24,6 @@ from jobs.ingest import main
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--train", "24", "--valid", "6", "--test", "6", "--image-dim", "6", "--text-dim", "4"]
-
-
-def _bad(caplog, *argv: str) -> str:
-    """Run the job as ``python -m`` does; expect exit code 2 and return the one error line."""
-    caplog.clear()
-    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as e:
-        run_main(lambda: main(list(argv)))
-    assert e.value.code == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith("bad input: ") and "\n" not in errors[0]
-    return errors[0]
 
 
 def _synthetic(store: Path, name: str = "s") -> str:

@@ -122,7 +122,7 @@ def test_multilabel_protocol_is_query_vs_database(multilabel_dataset):
     assert got["mean"] == pytest.approx((got["i2t"] + got["t2i"]) / 2)
 
 
-@pytest.mark.parametrize("method", ["scbch", "rshnl"])
+@pytest.mark.parametrize("method", ["scbch", pytest.param("rshnl", marks=pytest.mark.slow)])
 def test_training_on_multilabel_data_with_two_workers(multilabel_dataset, ray_cluster, tmp_path,
                                                       method):  # fmt: skip
     from pipeline.trainer import run_training

@@ -118,28 +118,24 @@ def listening(ports: list[int]) -> dict[int, int | None]:
     return found
 
 
+def _signal(procs: list[psutil.Process], kill: bool) -> None:
+    for p in procs:
+        try:
+            p.kill() if kill else p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def stop(state: Path, timeout: float = 15.0) -> int:
     """Terminate the stack's processes (SIGKILL after ``timeout`` s); 0 when nothing is left."""
     procs = stack_processes(state)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    _signal(procs, kill=False)
     alive = _wait_gone(procs, timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal(alive, kill=True)
     _wait_gone(alive, 10)
     # Processes forked while the first ones were stopping (a worker restarting) go the same way.
     late = stack_processes(state)
-    for p in late:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal(late, kill=True)
     _wait_gone(late, 10)
     left = stack_processes(state)
     open_ports = listening(recorded_ports(state))
