@@ -201,8 +201,11 @@ def _off_loopback(stack: Stack) -> list[tuple[str, int, str]]:
 
 def _is_torch_distributed(entry: tuple[str, int, str]) -> bool:
     """A Ray Train worker's listener: torch.distributed's TCPStore, which torch binds to every
-    interface whatever MASTER_ADDR says (no setting of Ray or torch moves it)."""
-    return entry[2] == "ray::RayTrainWorker"
+    interface whatever MASTER_ADDR says (no setting of Ray or torch moves it). The process
+    title is the worker's actor name (cut to 15 characters by the kernel) or, while the group
+    forms, the task that sets it up."""
+    title = entry[2]
+    return title.startswith("ray::RayTrainWo") or "_setup_torch_process_group" in title
 
 
 def _machine_addresses() -> list[str]:

@@ -73,6 +73,7 @@ def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
     return base, run_sweep(sweep)
 
 
+@pytest.mark.slow  # the sweep fixture takes 2.5 min; `make test-e2e` submits a sweep too
 def test_every_trial_satisfies_eq14(sweep_result):
     _, s = sweep_result
     assert len(s["trials"]) == 4
@@ -81,6 +82,7 @@ def test_every_trial_satisfies_eq14(sweep_result):
         assert 0 < c["gamma"] < ell_max(c["r"])
 
 
+@pytest.mark.slow  # the sweep fixture takes 2.5 min; `make test-e2e` submits a sweep too
 def test_asha_stopped_at_least_one_trial(sweep_result):
     _, s = sweep_result
     statuses = [t["status"] for t in s["trials"]]
@@ -88,6 +90,7 @@ def test_asha_stopped_at_least_one_trial(sweep_result):
     assert all(st in ("completed", "early_stopped", "failed") for st in statuses)
 
 
+@pytest.mark.slow  # the sweep fixture takes 2.5 min; `make test-e2e` submits a sweep too
 def test_parent_and_child_runs_and_registered_winner(sweep_result):
     base, s = sweep_result
     client = mlflow.tracking.MlflowClient(base.tracking_uri, registry_uri=base.tracking_uri)
