@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.model import sign_codes
+from pipeline.weights import encode
 
 
 class UnfitModelError(RuntimeError):
@@ -64,21 +64,17 @@ class CheckedEncoder:
         self.nonfinite: dict[str, int] = {}
         self.items: dict[str, int] = {}
 
-    @torch.no_grad()
     def __call__(self, x: np.ndarray, modality: str) -> np.ndarray:
-        out = []
         bad = 0
-        device = next(self.model.parameters()).device
-        for s in range(0, x.shape[0], self.batch_size):
-            xb = torch.from_numpy(np.array(x[s : s + self.batch_size], dtype=np.float32))
-            h = self.model.encode(xb.to(device), modality)
+
+        def count(h: torch.Tensor) -> None:
+            nonlocal bad
             bad += int((~torch.isfinite(h)).any(dim=1).sum())
-            out.append(sign_codes(h).cpu().numpy())
+
+        codes = encode(self.model, x, modality, self.batch_size, on_embedding=count)
         self.nonfinite[modality] = self.nonfinite.get(modality, 0) + bad
         self.items[modality] = self.items.get(modality, 0) + x.shape[0]
-        if out:
-            return np.concatenate(out)
-        return np.zeros((0, self.model.image_head.net[-1].out_features), dtype=np.int8)
+        return codes
 
     def problems(self) -> list[str]:
         """One line per modality with non-finite embeddings."""

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -82,13 +83,23 @@ def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
 
 
 @torch.no_grad()
-def encode(model: RSHNLModel, x: np.ndarray, modality: str, batch_size: int = 2048) -> np.ndarray:
-    """±1 int8 codes of features ``x`` (n, d), in batches."""
+def encode(
+    model: RSHNLModel,
+    x: np.ndarray,
+    modality: str,
+    batch_size: int = 2048,
+    on_embedding: Callable[[torch.Tensor], None] | None = None,
+) -> np.ndarray:
+    """±1 int8 codes of features ``x`` (n, d), in batches; ``on_embedding`` sees each batch's
+    continuous embedding before its sign is taken."""
     out = []
     device = next(model.parameters()).device
     for s in range(0, x.shape[0], batch_size):
         xb = torch.from_numpy(np.array(x[s : s + batch_size], dtype=np.float32, order="C"))
-        out.append(sign_codes(model.encode(xb.to(device), modality)).cpu().numpy())
+        h = model.encode(xb.to(device), modality)
+        if on_embedding is not None:
+            on_embedding(h)
+        out.append(sign_codes(h).cpu().numpy())
     if out:
         return np.concatenate(out)
     bits = model.image_head.net[-1].out_features
