@@ -738,13 +738,9 @@ def roc_auc(scores: Any, positive: Any) -> float:
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="stable")
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    for a, b in zip(starts, ends, strict=True):
-        ranks[order[a:b]] = 0.5 * (a + b + 1)  # mean of the 1-based ranks a+1 .. b
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s, method="average")  # 1-based, tied scores share their mean rank
     u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
