@@ -27,37 +27,31 @@ PHASES = ("data_wait", "step", "gather", "eval", "log", "checkpoint", "report")
 def plain_loop_seconds(
     cfg: TrainConfig, epochs: int, threads: int, device: str = "cpu"
 ) -> list[float]:
-    """Seconds per epoch of the same model, loss and optimizer in one process, no Ray, no eval."""
+    """Seconds per epoch of the training epoch the Ray workers run, in one process, no eval."""
     import torch
 
+    from pipeline.epoch import train_epoch
     from pipeline.inprocess import prepare_in_memory
-    from pipeline.step import compute_loss
 
     torch.set_num_threads(threads)
     run = prepare_in_memory(cfg, device)
-    cfg, image, text, label = run.cfg, run.image, run.text, run.label
-    model, opt, dev = run.model, run.optimizer, run.image.device
     out = []
     for epoch in range(epochs):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        perm = torch.randperm(image.shape[0], device=dev)
-        for s in range(0, image.shape[0], cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            terms = compute_loss(model, image[idx], text[idx], label[idx], cfg, epoch, False)
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        res = train_epoch(
+            run.model,
+            run.optimizer,
+            run.shard.batches(run.cfg.batch_size, run.cfg.seed, epoch),
+            run.cfg,
+            epoch,
+        )
         out.append(time.perf_counter() - t0)
         log.info(
             "plain loop epoch %d/%d %.3fs loss %.4f (%s%s)",
             epoch + 1,
             epochs,
             out[-1],
-            terms.total.item(),
+            res.loss,
             device,
             ", bf16" if cfg.bf16 else "",
         )

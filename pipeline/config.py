@@ -50,6 +50,7 @@ class TrainConfig:
     # Gaussian mixture fitted on the previous epoch's ℓ_i of the whole training set
     gamma_mode: str = "fixed"
     tau_center: float = 0.0  # τ of Eq 4 alone (0: the shared tau of Eq 2/4)
+    pseudo_labels: bool = False  # mixture weighting: 1 − w_i of each pair to its predicted class
     loss_form: str = "robust"  # robust terms of Eq 3/7, or "ce" (−log p, non-robust baselines)
     keep_rate: float = 0.0  # small_loss: share kept per batch; 0 = 1 − the data's noise rate
     # SCBCH (method "scbch"): alpha·BSCH + beta·quantisation + reliability-weighted BCE
@@ -142,6 +143,11 @@ class TrainConfig:
             "must be 'spl', 'hard', 'none', 'small_loss' or 'mixture'",
         )
         need(self.gamma_mode in ("fixed", "mixture"), "gamma_mode", "must be 'fixed' or 'mixture'")
+        need(
+            not self.pseudo_labels or (self.weighting == "mixture" and self.method == "rshnl"),
+            "pseudo_labels",
+            "needs weighting: mixture (the weight 1 − w_i it hands to the predicted class)",
+        )
         need(self.tau_center >= 0, "tau_center", "must be ≥ 0 (0: the shared tau)")
         need(self.loss_form in ("robust", "ce"), "loss_form", "must be 'robust' or 'ce'")
         need(0 <= self.keep_rate <= 1, "keep_rate", "must be in [0, 1] (0: 1 − noise rate)")

@@ -15,23 +15,28 @@ from feature_store.store import DatasetVersion
 log = logging.getLogger(__name__)
 
 
+def cached_in_memory(ds: DatasetVersion, cache_max_bytes: int) -> bool:
+    """Whether the train split is small enough for each worker to hold its shard in memory."""
+    return ds.manifest["files"]["train.parquet"]["bytes"] <= cache_max_bytes
+
+
 def training_dataset(ds: DatasetVersion, seed: int, workers: int, cache_max_bytes: int):
     """The train split with only the columns a worker may see (a ``ray.data.Dataset``).
 
     Clean labels and the noise flag are dropped at the scan, so they never reach a worker. A
-    split smaller than ``cache_max_bytes`` is read once into the object store in many small
-    blocks; each epoch the block order is reshuffled (seeded), so every worker sees a different
-    random subset, and the worker shuffles rows locally (see ``local_shuffle_seed``).
+    split up to ``cache_max_bytes`` is read once into the object store; each worker reads its
+    shard from it once and shuffles it in memory every epoch (``pipeline.epoch.MemoryShard``).
+    A larger split is streamed every epoch with a seeded block order and the worker's local
+    shuffle buffer (see ``local_shuffle_seed``).
     """
     from ray.data import RandomSeedConfig
 
     # read through the version's own filesystem (local or s3://, settings from the AWS
     # environment); a noisy copy's labels are joined onto the shared feature files
     rd = ds.ray_dataset("train", S.TRAINING_COLUMNS)
-    meta = ds.manifest["files"]["train.parquet"]
-    if meta["bytes"] <= cache_max_bytes:
-        blocks = min(max(16, 8 * workers), max(1, meta["rows"] // 8))
-        rd = rd.repartition(blocks).materialize()
+    if cached_in_memory(ds, cache_max_bytes):
+        rows = ds.manifest["files"]["train.parquet"]["rows"]
+        return rd.repartition(min(max(16, 8 * workers), max(1, rows // 8))).materialize()
     return rd.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
 
 

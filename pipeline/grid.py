@@ -286,6 +286,7 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
             log.info("cell %s: start (%s, in process on %s)", cell.id, cfg.dataset, spec.device)
             try:
                 result = train_in_process(cfg, spec.device)
+                result.pop("_suspects", None)
             except Exception as e:  # one failed cell does not stop the grid
                 failed[cell.id] = f"{type(e).__name__}: {e}"
                 log.error("cell %s failed: %s", cell.id, failed[cell.id])

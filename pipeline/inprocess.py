@@ -1,8 +1,8 @@
 """Training in one process without Ray or MLflow: the grid's executor on machines without them.
 
-Same model, objective (``compute_loss``), SCBCH weights and evaluation protocol as the Ray Train
-loop; no checkpoints, no fault tolerance, no tracking. The best epoch by validation MAP is kept
-in memory and evaluated on the test split.
+The same epoch (``pipeline.epoch.train_epoch``), model, objective, SCBCH weights, detection and
+evaluation as the Ray Train loop; no checkpoints, no fault tolerance, no tracking. The best epoch
+by validation MAP is kept in memory and evaluated on the test split.
 """
 
 from __future__ import annotations
@@ -18,21 +18,20 @@ import torch
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion, open_dataset
-from pipeline import evaluate
 from pipeline.config import TrainConfig
-from pipeline.data import EvalProtocol, feature_normalisation, noise_flags
+from pipeline.data import EvalProtocol, feature_normalisation
+from pipeline.epoch import MemoryShard, PairWeights, train_epoch
 from pipeline.losses import fit_loss_mixture
 from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.step import (
     build_model,
-    compute_loss,
     epoch_gamma,
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
 )
+from pipeline.suspects import DETECTION_KEYS, TrainReference, epoch_detection, suspect_report
 from pipeline.train_loop import (
-    DETECTION_KEYS,
     checkpoint_score,
     detection_threshold,
     evaluate_split,
@@ -42,21 +41,14 @@ from pipeline.train_loop import (
 log = logging.getLogger(__name__)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @dataclass
 class InMemoryRun:
-    """A run's config, data (NumPy and on-device tensors), model and optimizer in one process."""
+    """A run's config, data (NumPy and an on-device shard), model and optimizer in one process."""
 
     cfg: TrainConfig
     ds: DatasetVersion
     arrays: dict[str, np.ndarray]
-    image: torch.Tensor
-    text: torch.Tensor
-    label: torch.Tensor
+    shard: MemoryShard
     model: RSHNLModel
     optimizer: torch.optim.Optimizer
 
@@ -69,7 +61,7 @@ def prepare_in_memory(cfg: TrainConfig, device: str = "cpu") -> InMemoryRun:
     ds = open_dataset(cfg.dataset)
     if cfg.weighting == "small_loss" and not cfg.keep_rate:
         cfg = cfg.replace(keep_rate=resolve_keep_rate(ds.manifest))
-    a = ds.read_arrays("train", [S.IMAGE, S.TEXT, S.LABEL])
+    a = ds.read_arrays("train", [S.ITEM_ID, S.IMAGE, S.TEXT, S.LABEL])
     model = build_model(cfg, ds.dims, ds.num_classes)
     if cfg.feature_norm == "standardize":
         for m, (mean, scale) in feature_normalisation(ds).items():
@@ -83,58 +75,51 @@ def prepare_in_memory(cfg: TrainConfig, device: str = "cpu") -> InMemoryRun:
         cfg=cfg,
         ds=ds,
         arrays=a,
-        image=torch.as_tensor(a[S.IMAGE], dtype=torch.float32, device=dev),
-        text=torch.as_tensor(a[S.TEXT], dtype=torch.float32, device=dev),
-        label=torch.as_tensor(a[S.LABEL].astype(np.float32), device=dev),
+        shard=MemoryShard.from_arrays(a[S.ITEM_ID], a[S.IMAGE], a[S.TEXT], a[S.LABEL], dev),
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
     )
 
 
 def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
-    """Train ``cfg`` on one device; return the run summary (test MAP at the best valid epoch)."""
+    """Train ``cfg`` on one device; return the run summary (test MAP at the best valid epoch).
+
+    The summary's ``_suspects`` holds the last epoch's suspect-label report (a pyarrow Table).
+    """
     run = prepare_in_memory(cfg, device)
     cfg, ds, a, model, opt = run.cfg, run.ds, run.arrays, run.model, run.optimizer
-    image, text, label = run.image, run.text, run.label
     dev = torch.device(device)
     valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    ref = TrainReference.load(ds)  # measurement and report only; not in the loss
     best_score, best_state, best_valid, best_epoch = -1.0, None, {}, 0
     train_s, eval_s = [], []
-    n_train = image.shape[0]
-    mixture, history, det = None, {}, {}
-    is_noisy = noise_flags(ds)[1]  # measurement only, row order of the train split; not in the loss
+    mixture, history, det, result = None, {}, {}, None
     for epoch in range(cfg.epochs):
-        _sync(dev)
         t0 = time.perf_counter()
-        w_all = None
+        pair_weights = None
         if cfg.method == "scbch" and epoch >= cfg.warmup_epochs:
-            w_all = train_set_reliability(model, a[S.IMAGE], a[S.TEXT], a[S.LABEL], cfg, dev)
-            w_all = w_all.to(dev)
-        perm = torch.randperm(image.shape[0], generator=gen).to(dev)
-        ell_rows = np.zeros(n_train, dtype=np.float64)
+            w_rows = train_set_reliability(model, a[S.IMAGE], a[S.TEXT], a[S.LABEL], cfg, dev)
+            pair_weights = PairWeights.of(a[S.ITEM_ID], w_rows)
         mixture_used = mixture
-        w_rows = np.zeros(n_train, dtype=np.float64)
-        for s in range(0, image.shape[0], cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            w = None if w_all is None else w_all[idx]
-            terms = compute_loss(
-                model, image[idx], text[idx], label[idx], cfg, epoch, False, w, mixture=mixture
-            )
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
-            rows = idx.cpu().numpy()
-            ell_rows[rows] = terms.ell.double().cpu().numpy()
-            w_rows[rows] = terms.weights.detach().double().cpu().numpy()
+        result = train_epoch(
+            model,
+            opt,
+            run.shard.batches(cfg.batch_size, cfg.seed, epoch),
+            cfg,
+            epoch,
+            mixture=mixture,
+            pair_weights=pair_weights,
+        )
         if needs_loss_mixture(cfg):
-            mixture = fit_loss_mixture(ell_rows)  # used by the next epoch
-        _sync(dev)
+            mixture = fit_loss_mixture(result.ell)  # used by the next epoch
         train_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         vmap = evaluate_split(model, valid, cfg.eval_batch_size)
         eval_s.append(time.perf_counter() - t0)
-        det = evaluate.noise_detection_report(w_rows, ell_rows, is_noisy, detection_threshold(cfg))
+        det, _ = epoch_detection(
+            ref, result.item_id, result.weight, result.ell, detection_threshold(cfg)
+        )
+        history.setdefault("loss", []).append(result.loss)
         history.setdefault("valid_map_mean", []).append(vmap["mean"])
         history.setdefault("gamma", []).append(epoch_gamma(cfg, mixture_used))
         for k in DETECTION_KEYS:
@@ -148,7 +133,7 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
             "zero_w=%.3f train %.3fs",
             epoch + 1,
             cfg.epochs,
-            terms.total.item(),
+            result.loss,
             vmap["mean"],
             best_valid["mean"],
             best_epoch,
@@ -158,7 +143,8 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
             det["zero_weight_share"],
             train_s[-1],
         )
-    assert best_state is not None
+    assert best_state is not None and result is not None
+    suspects = suspect_report(ref, result.item_id, result.ell, result.weight, result.predicted)
     model.load_state_dict(best_state)
     t0 = time.perf_counter()
     test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
@@ -180,4 +166,5 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
         "restarts": 0,
         "dataset": ds.uri,
         "data_version": ds.data_version,
+        "_suspects": suspects,
     }

@@ -105,6 +105,12 @@ def pair_losses(
     return torch.stack(terms, dim=0).sum(dim=0)
 
 
+def predicted_class(codes: list[torch.Tensor], centers: torch.Tensor, tau: float) -> torch.Tensor:
+    """argmax_k Σ_m p(k | x_i^m) (Eq 4 summed over modalities), shape (B,), detached."""
+    with torch.no_grad():
+        return sum(center_probabilities(h, centers, tau) for h in codes).argmax(dim=1)
+
+
 def center_aggregation_loss(ell: torch.Tensor) -> torch.Tensor:
     """L_p of Eq 6: (1/N) Σ_i ℓ_i."""
     return ell.mean()
@@ -233,6 +239,7 @@ class LossTerms:
     ell: torch.Tensor  # per-item ℓ_i (detached)
     weights: torch.Tensor  # per-item w_i (Eq 12), also computed during warm-up for monitoring
     warmup: bool
+    predicted: torch.Tensor | None = None  # per-item class argmax_k Σ_m p(k | x_i^m), for reports
 
 
 def rshnl_objective(
@@ -255,6 +262,7 @@ def rshnl_objective(
     keep_rate: float = 1.0,
     tau_center: float = 0.0,
     mixture: LossMixture | None = None,
+    pseudo_labels: bool = False,
 ) -> LossTerms:
     """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C.
 
@@ -264,10 +272,14 @@ def rshnl_objective(
     batch with the smallest ℓ_i, mean over the kept), "mixture" (w_i = P(clean | ℓ_i) under
     ``mixture``, the previous epoch's fit; all ones without one); ``loss_form`` "ce" swaps the
     robust terms of Eq 3/7 for −log p. ``tau_center`` > 0 is τ of Eq 4 alone (0: ``tau``).
+    ``pseudo_labels`` (mixture weighting, after warm-up): each pair's remaining weight 1 − w_i
+    goes to ℓ_i of the model's predicted class (``predicted_class``), so a suspect pair is
+    pulled to the center it sits nearest instead of being dropped.
     """
     codes = [h_image, h_text]
     l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset, loss_form)
     ell = pair_losses(codes, centers, labels, tau_center or tau, r, loss_form)
+    predicted = predicted_class(codes, centers, tau_center or tau)
     w = spl_weights(ell, gamma)
     if weighting == "mixture":
         w = mixture.clean_posterior(ell) if mixture is not None else torch.ones_like(ell)
@@ -284,6 +296,10 @@ def rshnl_objective(
         center = (w * ell).sum() / w.sum().clamp_min(1.0)
     elif weighting == "mixture":
         center = (w * ell).mean()
+        if pseudo_labels:
+            pred = torch.nn.functional.one_hot(predicted, centers.shape[0]).to(ell.dtype)
+            ell_pred = pair_losses(codes, centers, pred, tau_center or tau, r, loss_form)
+            center = center + ((1.0 - w) * ell_pred).mean()
     else:
         raise ValueError(f"unknown weighting {weighting!r}")
     if weighting == "none" and not warm:
@@ -295,4 +311,5 @@ def rshnl_objective(
         ell=ell.detach(),
         weights=w,
         warmup=warm,
+        predicted=predicted,
     )

@@ -125,6 +125,7 @@ def compute_loss(
         keep_rate=cfg.keep_rate or 1.0,
         tau_center=cfg.tau_center,
         mixture=mixture,
+        pseudo_labels=cfg.pseudo_labels,
     )
 
 
@@ -176,6 +177,7 @@ def _scbch_loss(
         ell=t.per_item,
         weights=w.detach(),
         warmup=warm,
+        predicted=((lg_img + lg_txt) / 2).detach().argmax(dim=1),
     )
 
 

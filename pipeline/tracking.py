@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -394,6 +395,7 @@ def finish_run(
     registered_model_name: str | None,
     history: dict[str, Any] | None = None,
     pr_curves: dict[str, Any] | None = None,
+    suspects: Path | None = None,
 ) -> dict[str, Any] | None:
     """Log final metrics, artifacts and plots, log the pyfunc model, register and maybe promote it.
 
@@ -401,9 +403,10 @@ def finish_run(
     ``final_metrics.json``; with ``history`` (per-epoch lists, see :mod:`pipeline.plots`)
     ``history.json`` and the per-epoch plots; with ``pr_curves`` (``{"i2t": ..., "t2i": ...}``
     from :func:`pipeline.evaluate.precision_recall_curve`) ``pr_curves.json`` and its plot; all
-    PNGs under ``plots/``. The model goes to ``model/`` and, with ``registered_model_name``, into
-    the registry, where it takes the ``champion`` alias by :func:`promotion_decision`, set
-    compare-and-set by :func:`promote`.
+    PNGs under ``plots/``; with ``suspects`` (:mod:`pipeline.suspects`) the report
+    ``suspect_labels.parquet`` and its top rows as ``suspect_labels.md``. The model goes to
+    ``model/`` and, with ``registered_model_name``, into the registry, where it takes the
+    ``champion`` alias by :func:`promotion_decision`, set compare-and-set by :func:`promote`.
 
     Returns ``{"name", "version", "alias", "promotion_reason"}`` of the registered version
     (``alias`` is "champion" or None), or None when nothing was registered.
@@ -439,6 +442,15 @@ def finish_run(
                 json.dumps(pr_curves, indent=1, default=_json_default)
             )
             files.append("pr_curves.json")
+        if suspects is not None:
+            from pipeline.suspects import SUSPECTS_FILE, markdown_head, read_report
+
+            shutil.copy(suspects, t / SUSPECTS_FILE)
+            (t / "suspect_labels.md").write_text(
+                "Most suspect training labels (score: the pair loss ℓ_i of the last epoch)\n\n"
+                + markdown_head(read_report(t / SUSPECTS_FILE))
+            )
+            files += [SUSPECTS_FILE, "suspect_labels.md"]
         for f in files:
             client.log_artifact(run_id, str(t / f))
         if history is not None or pr_curves is not None:

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from feature_store.store import open_dataset
-from pipeline import evaluate
 from pipeline.config import TrainConfig
-from pipeline.data import EvalProtocol, local_shuffle_seed, noise_flags
+from pipeline.data import EvalProtocol, local_shuffle_seed
+from pipeline.epoch import MemoryShard, PairWeights, train_epoch
 from pipeline.losses import LossMixture, fit_loss_mixture
 from pipeline.model import RSHNLModel, fixed_centers
 from pipeline.step import (
@@ -30,12 +30,20 @@ from pipeline.step import (
     assert_centers_synced,
     build_model,
     center_checksum,
-    compute_loss,
     epoch_gamma,
     is_distributed,
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
+)
+from pipeline.suspects import (
+    DETECTION_KEYS,
+    SUSPECTS_FILE,
+    TrainReference,
+    epoch_detection,
+    summary_of,
+    suspect_report,
+    write_report,
 )
 from pipeline.weights import WEIGHTS, ModelFileError, encode, plain, safe_load, save_model_file
 
@@ -44,18 +52,6 @@ log = logging.getLogger("pipeline.train")
 STATE = "train_state.pt"
 SCORE = "checkpoint_score"  # validation MAP (mean), ties broken towards the later epoch
 HIST_EDGES = np.linspace(0.0, 1.0, 21)
-# noise_detection_report keys in the summary; per epoch as noise_<key> (auc: of ℓ_i vs is_noisy)
-DETECTION_KEYS = (
-    "auc",
-    "weight_auc",
-    "precision",
-    "recall",
-    "f1",
-    "clean_mean_weight",
-    "noisy_mean_weight",
-    "zero_weight_share",
-    "flagged_share",
-)
 _BATCH_DTYPES = {
     "item_id": torch.int64,
     "image": torch.float32,
@@ -250,10 +246,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
-    valid = flags = epoch_logger = None
+    valid = ref = epoch_logger = None
     if rank == 0:
         valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
-        flags = noise_flags(ds)  # measurement only: joined with SPL weights, never in the loss
+        ref = TrainReference.load(ds)  # measurement and report only: joined by id, not in the loss
         if loop_config.get("run_id"):
             from pipeline.tracking import EpochLogger
 
@@ -262,9 +258,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     train_rows = None
     if cfg.method == "scbch":  # the reliability weights need the whole training set
         train_rows = ds.read_arrays("train", ["item_id", "image", "text", "label"])
-        id_order = np.argsort(train_rows["item_id"])
-        sorted_ids = torch.as_tensor(train_rows["item_id"][id_order])
-    pair_weights = None
     # the loss mixture of the previous epoch (every rank fits the same gathered ℓ_i)
     mixture = None
     if history.get("mixture_mean_clean"):
@@ -273,83 +266,75 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
-    step, seconds = 0, []
+    memory: MemoryShard | None = None
+    if loop_config.get("in_memory", False):  # a cached split: this rank's rows, read once
+        t0 = time.perf_counter()
+        memory = MemoryShard.from_batches(
+            shard.iter_torch_batches(batch_size=4096, dtypes=_BATCH_DTYPES), device
+        )
+        log.info("rank %d holds %d rows (%.1fs)", rank, len(memory), time.perf_counter() - t0)
+    steps, seconds = [0], []
+
+    def after_step() -> None:
+        steps[0] += 1
+        if cfg.center_sync_check_every and steps[0] % cfg.center_sync_check_every == 0:
+            if is_distributed():
+                with torch.no_grad():
+                    assert_centers_synced(core.center_net(), steps[0])
+
     for epoch in range(start_epoch, cfg.epochs):
         timer = _Timer()
         t_epoch = time.perf_counter()
-        sums = torch.zeros(4, dtype=torch.float64)  # total, chl, center, n
-        ids_l, w_l, ell_l = [], [], []
         gamma = epoch_gamma(cfg, mixture)
+        pair_weights = None
         if train_rows is not None and epoch >= cfg.warmup_epochs:
             t0 = time.perf_counter()
             w_rows = train_set_reliability(
                 core, train_rows["image"], train_rows["text"], train_rows["label"], cfg, device
             )
-            pair_weights = w_rows[torch.as_tensor(id_order)]  # indexed like sorted_ids
+            pair_weights = PairWeights.of(train_rows["item_id"], w_rows)
             timer.add("reliability", time.perf_counter() - t0)
-        batches = iter(
-            shard.iter_torch_batches(
+        if memory is not None:
+            batches: Any = memory.batches(local_bs, cfg.seed, epoch, rank)
+        else:  # a streamed split: Ray Data's local shuffle buffer
+            batches = shard.iter_torch_batches(
                 batch_size=local_bs,
                 dtypes=_BATCH_DTYPES,
                 device=device,
                 local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                 local_shuffle_seed=local_shuffle_seed(cfg.seed, epoch, rank),
             )
+        res = train_epoch(
+            model,
+            optimizer,
+            batches,
+            cfg,
+            epoch,
+            global_negatives=global_negatives,
+            mixture=mixture,
+            pair_weights=pair_weights,
+            after_step=after_step,
         )
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            timer.add("data_wait", time.perf_counter() - t0)
-            if batch is None:
-                break
-            t0 = time.perf_counter()
-            batch_w = None
-            if pair_weights is not None:
-                pos = torch.searchsorted(sorted_ids, batch["item_id"].cpu())
-                batch_w = pair_weights[pos].to(device)
-            terms = compute_loss(
-                model,
-                batch["image"],
-                batch["text"],
-                batch["label"],
-                cfg,
-                epoch,
-                global_negatives,
-                batch_w,
-                mixture=mixture,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()  # DDP all-reduces gradients here
-            optimizer.step()
-            timer.add("step", time.perf_counter() - t0)
-            step += 1
-            n = batch["image"].shape[0]
-            sums += torch.tensor(
-                [terms.total.item() * n, terms.chl.item() * n, terms.center.item() * n, n],
-                dtype=torch.float64,
-            )
-            ids_l.append(batch["item_id"].cpu())
-            w_l.append(terms.weights.cpu())
-            ell_l.append(terms.ell.detach().float().cpu())
-            if cfg.center_sync_check_every and step % cfg.center_sync_check_every == 0:
-                if is_distributed():
-                    with torch.no_grad():
-                        assert_centers_synced(core.center_net(), step)
+        for k, v in res.seconds.items():
+            timer.add(k, v)
         t0 = time.perf_counter()
         with torch.no_grad():
             last_centers = core.center_net().float().cpu()
-        ids = torch.cat(ids_l).numpy() if ids_l else np.zeros(0, dtype=np.int64)
-        weights = torch.cat(w_l).numpy() if w_l else np.zeros(0, dtype=np.float32)
-        ell = torch.cat(ell_l).numpy() if ell_l else np.zeros(0, dtype=np.float32)
+        ids, weights, ell, predicted = res.item_id, res.weight, res.ell, res.predicted
+        sums = torch.tensor(
+            [res.loss * res.items, res.chl * res.items, res.center * res.items, res.items],
+            dtype=torch.float64,
+        )
         checksums: list[Any] = [center_checksum(last_centers)]
         if is_distributed():
             dist.all_reduce(sums)
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (ids, weights, checksums[0], ell))
+            dist.all_gather_object(gathered, (ids, weights, checksums[0], ell, predicted))
             ids = np.concatenate([g[0] for g in gathered])
             weights = np.concatenate([g[1] for g in gathered])
             checksums = [g[2] for g in gathered]
             ell = np.concatenate([g[3] for g in gathered])
+            predicted = np.concatenate([g[4] for g in gathered])
         if needs_loss_mixture(cfg) and ell.size:
             mixture = fit_loss_mixture(ell)  # the whole training set's ℓ_i, for the next epoch
         timer.add("gather", time.perf_counter() - t0)
@@ -360,12 +345,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             t0 = time.perf_counter()
             vmap = evaluate_split(core, valid, cfg.eval_batch_size)
-            item_ids, is_noisy = flags
-            order = np.argsort(item_ids)
-            noisy_of_batch = is_noisy[order][np.searchsorted(item_ids[order], ids)]
-            det = evaluate.noise_detection_report(
-                weights, ell, noisy_of_batch, detection_threshold(cfg)
-            )
+            det, noisy_of_batch = epoch_detection(ref, ids, weights, ell, detection_threshold(cfg))
             timer.add("eval", time.perf_counter() - t0)
             score = checkpoint_score(vmap["mean"], epoch + 1)
             if score > best_score:
@@ -474,6 +454,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
             )
             if epoch + 1 == cfg.epochs:
                 metrics["history"] = history
+                report = suspect_report(ref, ids, ell, weights, predicted)
+                write_report(report, Path(ckpt_dir) / SUSPECTS_FILE)
+                metrics["suspect_labels"] = summary_of(ref, report)
         # Every epoch's checkpoint is scored by its validation MAP; Ray keeps the best and latest.
         t0 = time.perf_counter()
         # The upload overlaps the next epoch; Ray deletes the local directory once it is stored.

@@ -19,8 +19,14 @@ from typing import Any
 from feature_store.store import open_dataset
 from pipeline import guards, tracking
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import EvalProtocol, feature_normalisation, training_dataset
+from pipeline.data import (
+    EvalProtocol,
+    cached_in_memory,
+    feature_normalisation,
+    training_dataset,
+)
 from pipeline.step import arch_of
+from pipeline.suspects import SUSPECTS_FILE
 from pipeline.train_loop import SCORE, train_func
 from pipeline.weights import WEIGHTS, load_model_file
 
@@ -436,6 +442,7 @@ def run_training(
         )
         best_weights = Path(summary.pop("_best_weights"))
         pr_curves = summary.pop("_pr_curves")
+        suspects = summary.pop("_suspects")
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = Path(tmp)
             shutil.move(best_weights, model_dir / WEIGHTS)
@@ -449,6 +456,7 @@ def run_training(
                     "epochs_run",
                     "seconds_per_epoch",
                     "noise_detection",
+                    "suspect_labels",
                     "restarts",
                 )
             }
@@ -461,10 +469,13 @@ def run_training(
                 model_dir=model_dir if log_model else None,
                 history=summary.get("history") or None,
                 pr_curves=pr_curves,
+                suspects=suspects,
                 registered_model_name=(
                     cfg.registered_model_name if cfg.register_model and log_model else None
                 ),
             )
+            if suspects is not None:
+                shutil.rmtree(suspects.parent, ignore_errors=True)
     except BaseException as e:
         if status_before == "FINISHED":
             try:
@@ -507,6 +518,7 @@ def _fit(
             "run_id": run_id,
             "tracking_uri": tracking_uri,
             "monitor": monitor,
+            "in_memory": cached_in_memory(ds, cfg.data_cache_max_bytes),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -544,6 +556,12 @@ def _fit(
     with best_ckpt.as_directory() as d:
         keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
         shutil.copy(Path(d) / WEIGHTS, keep)
+    suspects = None  # the last epoch's report travels with the latest checkpoint
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            if (Path(d) / SUSPECTS_FILE).exists():
+                suspects = Path(tempfile.mkdtemp(prefix="rshnl-suspects-")) / SUSPECTS_FILE
+                shutil.copy(Path(d) / SUSPECTS_FILE, suspects)
     t_test = time.perf_counter()
     model, _ = load_model_file(keep)
     test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
@@ -559,6 +577,8 @@ def _fit(
     problems = guards.model_problems(last.get("history") or {}, model, encoder, codes)
     if problems:
         shutil.rmtree(keep.parent, ignore_errors=True)
+        if suspects is not None:
+            shutil.rmtree(suspects.parent, ignore_errors=True)
         raise TrainingError(
             f"training run {run_name} produced an unusable model: {'; '.join(problems)}"
         )
@@ -579,6 +599,7 @@ def _fit(
         "wall_seconds": wall,
         "test_eval_seconds": test_eval_seconds,
         "noise_detection": last.get("noise_detection", {}),
+        "suspect_labels": last.get("suspect_labels", {}),
         "center_checksums": list(last.get("center_checksums", [])),
         "restarts": restarts,
         "worker_nodes": list(last.get("worker_nodes", [])),
@@ -588,6 +609,7 @@ def _fit(
         "checkpoint_path": best_ckpt.path,
         "_best_weights": str(keep),
         "_pr_curves": pr_curves,
+        "_suspects": suspects,
     }
     log.info(
         "best epoch %d: valid MAP %.4f, test MAP %.4f (i2t %.4f, t2i %.4f)",

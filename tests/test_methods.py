@@ -113,6 +113,12 @@ def test_method_overrides():
     paper = apply_method("RSHNL-P", m)  # restores the paper's NSH on top of any config
     assert (paper.weighting, paper.gamma_mode, paper.tau_center) == ("spl", "fixed", 0.0)
     assert paper.replace(tau_center=0.0) == base.replace(tau_center=0.0)
-    assert len(METHODS) == 12
+    mp = apply_method("RSHNL-MP", base)
+    assert (mp.weighting, mp.pseudo_labels, mp.tau_center) == ("mixture", True, 0.2)
+    assert apply_method("RSHNL-M", mp).pseudo_labels is False
+    assert apply_method("RSHNL-PR", base).feature_norm == "none"
+    assert apply_method("RSHNL-MR", base).feature_norm == "none"
+    assert apply_method("RSHNL-P", mp).replace(tau_center=0.0) == base.replace(tau_center=0.0)
+    assert len(METHODS) == 15
     with pytest.raises(ConfigError, match="unknown method 'RSHNL-9'"):
         apply_method("RSHNL-9", base)
