@@ -34,7 +34,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -494,6 +494,66 @@ def write_dataset(
     return write_version(store, name, plan, version=version)
 
 
+def _derived_copy(
+    base: DatasetVersion,
+    name: str,
+    version: int | None,
+    write_train: Callable[[_Staging, dict[str, Any], dict[str, Any], dict[str, int]], None],
+    noise: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A new version of ``name`` in the base's store that references the base's files except
+    what ``write_train(staging, files, layout, counts)`` writes or replaces for the train split."""
+    store = base.store_location
+    loc = check_target(store.uri, name, version)
+    files: dict[str, Any] = {}
+    for fname, meta in base.manifest["files"].items():
+        if fname.endswith(".labels.parquet"):
+            continue  # superseded by this copy's overlay
+        ref = meta.get("ref") or f"{base.manifest['name']}/v{base.manifest['version']}/{fname}"
+        files[fname] = {k_: v for k_, v in meta.items() if k_ != "ref"} | {"ref": ref}
+    layout = {s_: dict(v) for s_, v in base.layout.items()}
+    m = base.manifest
+    counts = dict(m["counts"])
+    staging = _Staging(loc, name, version)
+    try:
+        write_train(staging, files, layout, counts)
+        k = base.num_classes
+        manifest = _manifest(
+            name,
+            staging.number,
+            base.label_kind,
+            list(base.splits),
+            counts,
+            base.dims,
+            k,
+            S.arrow_schema(base.dims["image"], base.dims["text"], k),
+            files=files,
+            layout=layout,
+            noise=noise,
+            protocol=m.get("protocol", {}),
+            source=m.get("source", {}),
+            class_names=m.get("class_names"),
+            rows_per_group=m.get("rows_per_group"),
+            **(extra or {}),
+        )
+        manifest["base"] = {
+            "name": m["name"],
+            "version": m["version"],
+            "data_version": base.data_version,
+            "uri": base.uri,
+        }
+        uri = staging.commit(manifest)
+    except BaseException as e:
+        staging.abort()
+        if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
+            raise s3_error(e, loc, "write to") from e
+        if isinstance(e, OSError):
+            _raise_write_error(e, loc)
+        raise
+    return uri
+
+
 def write_noisy_copy(
     base_uri: str,
     *,
@@ -513,60 +573,99 @@ def write_noisy_copy(
     kind, k = base.label_kind, base.num_classes
     mode = mode or default_mode(kind)
     check_noise(mode, rate, label_kind=kind, num_classes=k, flip_map=flip_map)
-    store = base.store_location
     name = name or base.manifest["name"]
-    loc = check_target(store.uri, name, version)
+    check_target(base.store_location.uri, name, version)
     train = base.read_arrays("train", [S.ITEM_ID, S.CLEAN_LABEL])
     noisy, spec = corrupt(
         train[S.CLEAN_LABEL], mode, rate, seed, label_kind=kind, flip_map=flip_map
     )
-    files: dict[str, Any] = {}
-    for fname, meta in base.manifest["files"].items():
-        if fname.endswith(".labels.parquet"):
-            continue  # superseded by this copy's overlay
-        ref = meta.get("ref") or f"{base.manifest['name']}/v{base.manifest['version']}/{fname}"
-        files[fname] = {k_: v for k_, v in meta.items() if k_ != "ref"} | {"ref": ref}
-    layout = {s: dict(v) for s, v in base.layout.items()}
-    staging = _Staging(loc, name, version)
-    try:
+
+    def write_train(staging: _Staging, files: dict, layout: dict, counts: dict) -> None:
         overlay = "train.labels.parquet"
         files[overlay] = _write_labels(
             staging, overlay, train[S.ITEM_ID], noisy, train[S.CLEAN_LABEL]
         )
         layout["train"]["labels"] = overlay
-        m = base.manifest
-        manifest = _manifest(
-            name,
-            staging.number,
-            kind,
-            list(base.splits),
-            dict(m["counts"]),
-            base.dims,
-            k,
-            S.arrow_schema(base.dims["image"], base.dims["text"], k),
-            files=files,
-            layout=layout,
-            noise=spec,
-            protocol=m.get("protocol", {}),
-            source=m.get("source", {}),
-            class_names=m.get("class_names"),
-            rows_per_group=m.get("rows_per_group"),
+
+    uri = _derived_copy(base, name, version, write_train, spec)
+    log.info("wrote noisy copy %s of %s: %s", uri, base.data_version, spec)
+    return uri
+
+
+def write_cleaned_copy(
+    base_uri: str,
+    *,
+    drop: np.ndarray | None = None,
+    relabel: dict[int, int] | None = None,
+    cleaning: dict[str, Any],
+    name: str | None = None,
+    version: int | None = None,
+) -> str:
+    """A new version of the base without the train items ``drop`` (their rows are rewritten,
+    the other splits referenced) or with ``relabel`` (item id → class; a label overlay).
+
+    ``cleaning`` (what selected the items, from which run) goes into the manifest; the noise
+    record gains the share of wrong labels left, measured against the kept clean labels.
+    """
+    if (drop is None) == (relabel is None):
+        raise FeatureStoreError("cleaning: give either the item ids to drop or a relabel map")
+    base = open_dataset(base_uri)
+    name = name or base.manifest["name"]
+    check_target(base.store_location.uri, name, version)
+    cols = [S.ITEM_ID, S.LABEL, S.CLEAN_LABEL]
+    train = base.read_arrays("train", cols)
+    ids = train[S.ITEM_ID]
+    chosen = np.asarray(drop if drop is not None else list(relabel or {}), dtype=np.int64)
+    unknown = np.setdiff1d(chosen, ids)
+    if unknown.size:
+        raise FeatureStoreError(
+            f"cleaning: {unknown.size} item id(s) are not in the train split of {base.uri} "
+            f"(first: {int(unknown[0])})"
         )
-        manifest["base"] = {
-            "name": m["name"],
-            "version": m["version"],
-            "data_version": base.data_version,
-            "uri": base.uri,
+    if relabel is not None and base.label_kind != S.SINGLE:
+        raise FeatureStoreError(f"cleaning: relabelling needs single-label data ({base.uri})")
+    k = base.num_classes
+    labels = train[S.LABEL].copy()
+    keep = ~np.isin(ids, chosen) if drop is not None else np.ones(ids.size, dtype=bool)
+    if relabel is not None:
+        bad = [c for c in relabel.values() if not 0 <= int(c) < k]
+        if bad:
+            raise FeatureStoreError(f"cleaning: class {bad[0]} is outside 0..{k - 1}")
+        order = np.argsort(ids)
+        rows = order[np.searchsorted(ids[order], chosen)]
+        labels[rows] = 0
+        labels[rows, [int(relabel[int(i)]) for i in chosen]] = 1
+    wrong = np.any(labels[keep] != train[S.CLEAN_LABEL][keep], axis=1)
+    noise = dict(base.manifest.get("noise", {})) | {
+        "after_cleaning": {"train_items": int(keep.sum()), "wrong_share": float(wrong.mean())}
+    }
+
+    def write_train(staging: _Staging, files: dict, layout: dict, counts: dict) -> None:
+        if relabel is not None:
+            overlay = "train.labels.parquet"
+            files[overlay] = _write_labels(staging, overlay, ids, labels, train[S.CLEAN_LABEL])
+            layout["train"]["labels"] = overlay
+            return
+        table = base.read_table("train", S.ALL_COLUMNS).filter(pa.array(keep))
+        sink = staging.open("train.parquet")
+        try:
+            pq.write_table(
+                table.cast(S.arrow_schema(base.dims["image"], base.dims["text"], k)),
+                sink,
+                row_group_size=base.manifest.get("rows_per_group") or 1 << 16,
+            )
+        finally:
+            sink.close()
+        files["train.parquet"] = {
+            "sha256": sink.hexdigest(),
+            "bytes": sink.size,
+            "rows": int(table.num_rows),
         }
-        uri = staging.commit(manifest)
-    except BaseException as e:
-        staging.abort()
-        if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
-            raise s3_error(e, loc, "write to") from e
-        if isinstance(e, OSError):
-            _raise_write_error(e, loc)
-        raise
-    log.info("wrote noisy copy %s/v%d of %s: %s", name, staging.number, base.data_version, spec)
+        layout["train"] = {"features": "train.parquet", "labels": None}
+        counts["train"] = int(table.num_rows)
+
+    uri = _derived_copy(base, name, version, write_train, noise, {"cleaning": cleaning})
+    log.info("wrote cleaned copy %s of %s: %s", uri, base.data_version, cleaning)
     return uri
 
 

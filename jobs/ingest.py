@@ -228,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--version", type=int, default=None)
     _noise_args(n)
 
+    cl = sub.add_parser(
+        "clean",
+        help="a new version without (--drop) or with corrected (--relabel) suspect labels, "
+        "taken from a training run's suspect_labels.parquet",
+    )
+    cl.add_argument("uri", help="the version the run was trained on (STORE/NAME/vN)")
+    cl.add_argument("--from-run", required=True, metavar="RUN_ID", help="MLflow run id")
+    how = cl.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop", action="store_true", help="remove the suspects from train")
+    how.add_argument(
+        "--relabel", action="store_true", help="give the suspects the run's predicted class"
+    )
+    which = cl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--top", type=int, metavar="K", help="the K most suspect pairs")
+    which.add_argument("--share", type=float, metavar="F", help="the most suspect share F")
+    cl.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI")
+    cl.add_argument("--name", default=None, help="dataset name of the copy (default: the base's)")
+    cl.add_argument("--version", type=int, default=None)
+
     ls = sub.add_parser(
         "list",
         help="list the versions in a store; unreadable versions and unfinished writes are "
@@ -398,6 +417,22 @@ def _main(argv: list[str] | None) -> int:
         total = sum(r["bytes"] for r in removed)
         verb = "would remove" if args.dry_run else "removed"
         log.info("%s %d unfinished write(s), %d bytes", verb, len(removed), total)
+        return EXIT_OK
+    if args.command == "clean":
+        from pipeline.cleaning import clean_from_run
+
+        print(
+            clean_from_run(
+                args.uri,
+                args.from_run,
+                mode="drop" if args.drop else "relabel",
+                top=args.top,
+                share=args.share,
+                tracking_uri=args.tracking_uri,
+                name=args.name,
+                version=args.version,
+            )
+        )
         return EXIT_OK
     if args.command == "noise":
         uri = write_noisy_copy(

@@ -627,3 +627,26 @@ def update_run(
         client.set_tag(run_id, key, str(value)[:5000])
     if status is not None:
         client.update_run(run_id, status=status)
+
+
+def run_artifact(tracking_uri: str, run_id: str, path: str, dst: str) -> tuple[str, dict[str, str]]:
+    """Download one artifact of a run into ``dst``; return its local path and the run's tags.
+
+    ``ConfigError`` names an unknown run or a run without that artifact.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import ConfigError
+
+    client = _client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ConfigError(f"--from-run: no MLflow run {run_id!r} at {tracking_uri}") from e
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if path not in names:
+        raise ConfigError(f"--from-run: run {run_id} has no artifact {path} (has {sorted(names)})")
+    mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst)
+    return local, dict(run.data.tags)

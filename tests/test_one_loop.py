@@ -23,9 +23,7 @@ def _ml_dataset(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("method", ["rshnl", "scbch"])
-def test_ray_worker_and_in_process_train_identically(
-    method, ray_cluster, tiny_dataset, tmp_path
-):
+def test_ray_worker_and_in_process_train_identically(method, ray_cluster, tiny_dataset, tmp_path):
     from pipeline.inprocess import train_in_process
     from pipeline.trainer import run_training
 

@@ -125,3 +125,30 @@ def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset):
     assert sorted(ray_ds.columns()) == sorted(S.TRAINING_COLUMNS)
     batch = ray_ds.take_batch(8)
     assert S.CLEAN_LABEL not in batch and S.IS_NOISY not in batch
+
+
+def test_suspect_report_is_logged_with_the_run(tiny_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg, s = tiny_run
+    client = mlflow.tracking.MlflowClient(cfg.tracking_uri)
+    names = {a.path for a in client.list_artifacts(s["mlflow_run_id"])}
+    assert {"suspect_labels.parquet", "suspect_labels.md"} <= names
+    local = client.download_artifacts(s["mlflow_run_id"], "suspect_labels.parquet", str(tmp_path))
+    t = pq.read_table(local)
+    ds = open_dataset(cfg.dataset)
+    train = ds.read_arrays("train", [S.ITEM_ID, S.LABEL, S.IS_NOISY])
+    assert sorted(t.column("item_id").to_pylist()) == sorted(train[S.ITEM_ID].tolist())
+    score = np.asarray(t.column("score"))
+    assert (np.diff(score) <= 0).all() and t.column("rank").to_pylist()[:3] == [1, 2, 3]
+    by_id = dict(
+        zip(train[S.ITEM_ID].tolist(), train[S.LABEL].argmax(axis=1).tolist(), strict=True)
+    )
+    assert all(
+        by_id[i] == c
+        for i, c in zip(t.column("item_id").to_pylist(), t.column("label").to_pylist(), strict=True)
+    )
+    noisy = dict(zip(train[S.ITEM_ID].tolist(), train[S.IS_NOISY].tolist(), strict=True))
+    top10 = np.mean([noisy[i] for i in t.column("item_id").to_pylist()[:10]])
+    assert s["suspect_labels"]["precision_at"]["10"] == pytest.approx(top10)
+    assert s["suspect_labels"]["rows"] == len(by_id)
