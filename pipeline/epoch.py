@@ -81,7 +81,7 @@ class PairWeights:
 
     @classmethod
     def of(cls, item_id: Any, weights: torch.Tensor) -> PairWeights:
-        ids = torch.as_tensor(np.asarray(item_id, dtype=np.int64))
+        ids = torch.as_tensor(np.array(item_id, dtype=np.int64))
         order = torch.argsort(ids, stable=True)
         return cls(ids[order], weights.cpu()[order])
 
