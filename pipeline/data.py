@@ -124,9 +124,3 @@ def feature_normalisation(ds: DatasetVersion) -> dict[str, list[list[float]]]:
         std = x.std(axis=0)
         out[m] = [x.mean(axis=0).tolist(), np.where(std > 1e-8, std, 1.0).tolist()]
     return out
-
-
-def noise_flags(ds: DatasetVersion) -> tuple[np.ndarray, np.ndarray]:
-    """(item_id, is_noisy) of the train split, for measuring noise detection outside the loss."""
-    a = ds.read_arrays("train", [S.ITEM_ID, S.IS_NOISY])
-    return a[S.ITEM_ID], a[S.IS_NOISY].astype(bool)
