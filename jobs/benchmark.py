@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs._cli import EXIT_FAILED, EXIT_OK, run_main, setup_logging, write_json_atomic
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.methods import DESCRIPTIONS
+from pipeline.method.variants import DESCRIPTIONS
 
 log = logging.getLogger("jobs.benchmark")
 
@@ -30,8 +30,8 @@ def plain_loop_seconds(
     """Seconds per epoch of the training epoch the Ray workers run, in one process, no eval."""
     import torch
 
-    from pipeline.epoch import train_epoch
-    from pipeline.inprocess import prepare_in_memory
+    from pipeline.training.epoch import train_epoch
+    from pipeline.training.inprocess import prepare_in_memory
 
     torch.set_num_threads(threads)
     run = prepare_in_memory(cfg, device)
@@ -66,7 +66,7 @@ def _steady(values: list[float]) -> float:
 
 def scaling(cfg: TrainConfig, worker_counts: list[int], threads: int) -> dict[str, Any]:
     from feature_store.store import open_dataset
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     n_train = open_dataset(cfg.dataset).manifest["counts"]["train"]
     rows: list[dict[str, Any]] = []
@@ -186,7 +186,7 @@ def _csv(text: str, kind: type) -> list:
 
 
 def grid(args: argparse.Namespace) -> int:
-    from pipeline.grid import GridSpec, run_grid
+    from pipeline.experiments.grid import GridSpec, run_grid
 
     cfg = TrainConfig.load(
         args.config,

@@ -129,9 +129,9 @@ def _stats(ts: list[float], cpu: list[float] | None = None) -> dict[str, float]:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark of the module docstring; returns its summary."""
-    from pipeline import evaluate
-    from pipeline.evaluate import mean_average_precision
-    from pipeline.index import HammingIndex
+    from pipeline.retrieval import metrics as evaluate
+    from pipeline.retrieval.index import HammingIndex
+    from pipeline.retrieval.metrics import mean_average_precision
 
     evaluate.WORKERS = args.threads
     out: dict[str, Any] = {
@@ -266,8 +266,8 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
     from feature_store import schema as S
     from feature_store.store import open_dataset
     from jobs.pull import PullError, load_registered_model
-    from pipeline import evaluate
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.retrieval import metrics as evaluate
+    from pipeline.tracking.runs import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     model = load_registered_model(args.model, tracking_uri)
@@ -312,7 +312,7 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     if args.out_dir:
-        from pipeline.plots import PR_PNG, plot_pr_curves
+        from pipeline.tracking.plots import PR_PNG, plot_pr_curves
 
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -419,7 +419,7 @@ def _main(argv: list[str] | None) -> int:
         log.info("%s %d unfinished write(s), %d bytes", verb, len(removed), total)
         return EXIT_OK
     if args.command == "clean":
-        from pipeline.cleaning import clean_from_run
+        from pipeline.experiments.cleaning import clean_from_run
 
         print(
             clean_from_run(

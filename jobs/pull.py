@@ -96,13 +96,14 @@ def model_uri(ref: str) -> tuple[str, str | None, str | None, str | None]:
 
 def load_registered_model(ref: str, tracking_uri: str) -> PulledModel:
     """Resolve ``ref`` in the registry at ``tracking_uri`` and load its model (no Ray, no pickle:
-    the model directory is downloaded and read by :func:`pipeline.serving.load_model_dir`)."""
+    the model directory is downloaded and read by
+    :func:`~pipeline.tracking.serving.load_model_dir`)."""
     import mlflow
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.serving import load_model_dir
+    from pipeline.tracking.serving import load_model_dir
 
     uri, name, version, alias = model_uri(ref)
     mlflow.set_tracking_uri(tracking_uri)
@@ -372,9 +373,9 @@ def _print_results(
 def run_pull(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the job does; returns the summary."""
     from feature_store.store import open_dataset
-    from pipeline import evaluate
-    from pipeline.index import HammingIndex
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.retrieval import metrics as evaluate
+    from pipeline.retrieval.index import HammingIndex
+    from pipeline.tracking.runs import resolve_tracking_uri
 
     _check_args(args)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     keys = [k for k, _ in _FLAGS.values()] + ["use_gpu", "bf16", "resume", "register_model"]
     cfg = TrainConfig.load(args.config, {k: getattr(args, k) for k in keys})
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     summary = run_training(cfg, ray_address=args.ray_address)
     if args.summary_json:

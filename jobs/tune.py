@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_sweep(args: argparse.Namespace) -> Any:
-    from pipeline.tune import SweepConfig, default_space
+    from pipeline.experiments.tune import SweepConfig, default_space
 
     data = read_yaml(args.config) if args.config else {}
     space = default_space(str(data.get("method", "rshnl")))
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     sweep = load_sweep(args)
-    from pipeline.tune import run_sweep
+    from pipeline.experiments.tune import run_sweep
 
     summary = run_sweep(sweep)
     if args.summary_json:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.losses import ell_max
+from pipeline.method.losses import ell_max
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ class TrainConfig:
     """
 
     dataset: str = ""
-    method: str = "rshnl"  # "rshnl" (Eq 1–14) or "scbch" (noisy multi-label; pipeline/scbch.py)
+    method: str = (
+        "rshnl"  # "rshnl" (Eq 1–14) or "scbch" (noisy multi-label; pipeline/method/scbch.py)
+    )
     # model (authors' implementation: d→4096→4096→L heads and K→4096→4096→L center network)
     bits: int = 128
     hidden_dim: int = 4096

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from gloo_util import finish_worker
 
-from pipeline.step import assert_centers_synced, center_checksum
+from pipeline.training.step import assert_centers_synced, center_checksum
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, drift: bool) -> None:

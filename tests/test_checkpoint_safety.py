@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import RSHNLModel
-from pipeline.serving import HashCodeModel
-from pipeline.train_loop import (
+from pipeline.method.model import RSHNLModel
+from pipeline.method.weights import WEIGHTS, ModelFileError, load_model_file, save_model_file
+from pipeline.tracking.serving import HashCodeModel
+from pipeline.training.train_loop import (
     STATE,
     load_train_state,
     restore_rng_states,
     save_train_state,
 )
-from pipeline.weights import WEIGHTS, ModelFileError, load_model_file, save_model_file
 
 ARCH = {"image_dim": 6, "text_dim": 5, "num_classes": 3, "bits": 8, "hidden": 8}
 

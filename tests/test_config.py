@@ -38,9 +38,9 @@ def test_gamma_above_ell_max_is_refused_unless_allowed(caplog):
 
 
 def test_variants_and_sweeps_that_mean_gamma_above_ell_max_still_validate():
-    from pipeline.losses import ell_max
-    from pipeline.methods import apply_method
-    from pipeline.tune import trial_config
+    from pipeline.experiments.tune import trial_config
+    from pipeline.method.losses import ell_max
+    from pipeline.method.variants import apply_method
 
     d = apply_method("RSHNL-D", TrainConfig(dataset="x")).validate()
     assert d.gamma == pytest.approx(1.5 * ell_max(0.01)) and d.allow_gamma_above_ell_max

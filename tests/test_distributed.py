@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.model import fixed_centers, hadamard
-from pipeline.step import center_checksum
+from pipeline.method.model import fixed_centers, hadamard
+from pipeline.training.step import center_checksum
 
 
 def _cfg(dataset: str, root, **kw) -> TrainConfig:
@@ -59,7 +59,7 @@ def test_fixed_centers_are_seeded_normalised_signs():
     [(3, "learned"), (2, "random"), pytest.param(3, "hadamard", marks=pytest.mark.slow)],
 )
 def test_centers_bit_identical_on_every_rank(ray_cluster, tiny_dataset, tmp_path, workers, centers):
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     cfg = _cfg(
         tiny_dataset,
@@ -82,7 +82,7 @@ def test_centers_bit_identical_on_every_rank(ray_cluster, tiny_dataset, tmp_path
 @pytest.mark.ray
 @pytest.mark.slow  # the default tier resumes in test_resume_falls_back_when_the_latest_...
 def test_resume_continues_from_latest_checkpoint(ray_cluster, tiny_dataset, tmp_path):
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     first = run_training(_cfg(tiny_dataset, tmp_path, epochs=2, run_name="resumable"))
     assert first["epochs_run"] == 2
@@ -101,7 +101,7 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_lost(ray_cluster, tiny_
     import json
     import shutil
 
-    from pipeline.trainer import SNAPSHOT, run_training
+    from pipeline.training.trainer import SNAPSHOT, run_training
 
     first = run_training(_cfg(tiny_dataset, tmp_path, epochs=3, run_name="lost"))
     run_dir = tmp_path / "runs" / "lost"
@@ -136,7 +136,7 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_lost(ray_cluster, tiny_
 def test_killed_worker_restarts_from_checkpoint(ray_cluster, tiny_dataset, tmp_path):
     import ray
 
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     cfg = _cfg(tiny_dataset, tmp_path, epochs=6, max_failures=1, run_name="killed", hidden_dim=256)
     result: dict = {}
@@ -180,7 +180,7 @@ def test_one_and_two_workers_agree_on_wikipedia(ray_cluster, wiki_mat, tmp_path)
     from feature_store.formats import read_wiki_mat
     from feature_store.noise import apply_noise
     from feature_store.store import write_dataset
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     splits, meta = read_wiki_mat(wiki_mat)
     noise = apply_noise(splits["train"], "symmetric", 0.2, seed=0)

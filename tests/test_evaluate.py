@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import (
+from pipeline.retrieval.metrics import (
     average_precisions,
     cross_modal_map,
     mean_average_precision,

@@ -13,7 +13,8 @@ from test_serving import register_small_model, shared_tracking_uri
 from feature_store import schema as S
 from feature_store.store import open_dataset
 from jobs.evaluate import main, random_case, straightforward_map
-from pipeline import evaluate, plots
+from pipeline.retrieval import metrics as evaluate
+from pipeline.tracking import plots
 
 
 def test_model_subcommand_reports_both_directions(tmp_path_factory, tiny_dataset, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.evaluate import straightforward_map
-from pipeline import evaluate as E
+from pipeline.retrieval import metrics as E
 
 
 def _codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from gloo_util import finish_worker
 
 from pipeline.config import TrainConfig
-from pipeline.model import RSHNLModel
-from pipeline.step import compute_loss
+from pipeline.method.model import RSHNLModel
+from pipeline.training.step import compute_loss
 
 N_ITEMS, K = 8, 3
 

@@ -10,7 +10,13 @@ import pytest
 
 from feature_store.store import open_dataset
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.grid import GridSpec, format_csv, format_markdown, noisy_datasets, run_grid
+from pipeline.experiments.grid import (
+    GridSpec,
+    format_csv,
+    format_markdown,
+    noisy_datasets,
+    run_grid,
+)
 
 
 def _record(method, noise, bits, seed, i2t, t2i):
@@ -135,7 +141,7 @@ def test_inprocess_grid_runs_without_ray_and_logs_cells(tiny_clean, tmp_path):
 
 
 def test_fingerprints_recorded_before_a_new_key_still_match():
-    from pipeline.grid import fingerprint, fingerprint_diff
+    from pipeline.experiments.grid import fingerprint, fingerprint_diff
 
     new = fingerprint(TrainConfig(dataset="x"))
     old = {k: v for k, v in new.items() if k != "weight_decay"}

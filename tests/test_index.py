@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate as E
-from pipeline.index import HammingIndex
+from pipeline.retrieval import metrics as E
+from pipeline.retrieval.index import HammingIndex
 
 
 def _codes(seed: int, n: int, bits: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def test_numpy_fallback_and_packed_and_torch_inputs(monkeypatch):
     assert np.array_equal(packed.search(E.pack_codes(q), 40)[1], want[1])
     from_torch = HammingIndex(torch.tensor(db, dtype=torch.float32))
     assert np.array_equal(from_torch.search(torch.tensor(q), 40)[1], want[1])
-    monkeypatch.setattr("pipeline.index._faiss", lambda: None)
+    monkeypatch.setattr("pipeline.retrieval.index._faiss", lambda: None)
     fallback = HammingIndex(db)
     got = fallback.search(q, 40)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])

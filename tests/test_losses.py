@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses as L
+from pipeline.method import losses as L
 
 E = math.e
 

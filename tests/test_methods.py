@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.losses import (
+from pipeline.method.losses import (
     ce_term,
     center_aggregation_loss,
     chl_loss,
@@ -19,7 +19,7 @@ from pipeline.losses import (
     rshnl_objective,
     small_loss_weights,
 )
-from pipeline.methods import METHODS, apply_method
+from pipeline.method.variants import METHODS, apply_method
 
 
 def test_ce_term_is_negative_log_and_the_small_r_limit_of_the_robust_term():

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline import evaluate as E
+from pipeline.retrieval import metrics as E
 
 
 def _brute_auc(scores, positive):

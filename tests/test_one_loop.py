@@ -24,8 +24,8 @@ def _ml_dataset(tmp_path) -> str:
 
 @pytest.mark.parametrize("method", ["rshnl", pytest.param("scbch", marks=pytest.mark.slow)])
 def test_ray_worker_and_in_process_train_identically(method, ray_cluster, tiny_dataset, tmp_path):
-    from pipeline.inprocess import train_in_process
-    from pipeline.trainer import run_training
+    from pipeline.training.inprocess import train_in_process
+    from pipeline.training.trainer import run_training
 
     dataset = tiny_dataset if method == "rshnl" else _ml_dataset(tmp_path)
     cfg = TrainConfig(

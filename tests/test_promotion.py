@@ -13,9 +13,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_serving import register_small_model
 
-from pipeline import guards, tracking
-from pipeline.model import RSHNLModel
-from pipeline.weights import encode
+from pipeline.method.model import RSHNLModel
+from pipeline.method.weights import encode
+from pipeline.tracking import runs as tracking
+from pipeline.training import guards
 
 KEY = {"data_version": "tiny/v1@aaa", "bits": "16", "method": "rshnl"}
 

@@ -18,7 +18,7 @@ from feature_store import schema as S
 from feature_store.store import open_dataset
 from jobs._cli import run_main
 from jobs.pull import PullError, main, model_uri
-from pipeline import evaluate
+from pipeline.retrieval import metrics as evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "pull-small"

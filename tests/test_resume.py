@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from feature_store.store import open_dataset
-from pipeline import tracking, trainer
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.model import RSHNLModel
-from pipeline.step import arch_of
-from pipeline.train_loop import STATE, save_train_state
-from pipeline.weights import WEIGHTS, save_model_file
+from pipeline.method.model import RSHNLModel
+from pipeline.method.weights import WEIGHTS, save_model_file
+from pipeline.tracking import runs as tracking
+from pipeline.training import trainer
+from pipeline.training.step import arch_of
+from pipeline.training.train_loop import STATE, save_train_state
 
 REPO = Path(__file__).resolve().parent.parent
 

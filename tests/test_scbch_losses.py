@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline import scbch as S
+from pipeline.method import scbch as S
 
 # ---------- plain-Python references ----------
 

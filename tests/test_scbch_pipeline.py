@@ -14,9 +14,9 @@ from gloo_util import finish_worker
 from synthetic_util import write_synthetic
 
 from pipeline.config import TrainConfig
-from pipeline.model import RSHNLModel
-from pipeline.scbch import reliability_weights
-from pipeline.step import build_model, compute_loss, train_set_reliability
+from pipeline.method.model import RSHNLModel
+from pipeline.method.scbch import reliability_weights
+from pipeline.training.step import build_model, compute_loss, train_set_reliability
 
 N, K, DI, DT = 37, 6, 5, 4
 
@@ -101,8 +101,8 @@ def multilabel_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_multilabel_protocol_is_query_vs_database(multilabel_dataset):
     from feature_store.store import open_dataset
-    from pipeline import evaluate as E
-    from pipeline.data import EvalProtocol
+    from pipeline.retrieval import metrics as E
+    from pipeline.retrieval.protocol import EvalProtocol
 
     ds = open_dataset(multilabel_dataset)
     valid = EvalProtocol.load(ds, "valid", top_k=50)
@@ -125,7 +125,7 @@ def test_multilabel_protocol_is_query_vs_database(multilabel_dataset):
 @pytest.mark.parametrize("method", ["scbch", pytest.param("rshnl", marks=pytest.mark.slow)])
 def test_training_on_multilabel_data_with_two_workers(multilabel_dataset, ray_cluster, tmp_path,
                                                       method):  # fmt: skip
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     cfg = TrainConfig(
         dataset=multilabel_dataset, method=method, bits=16, hidden_dim=32, epochs=3,
@@ -145,7 +145,7 @@ def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
     from test_feature_store_layouts import write_multilabel_h5
 
     from jobs.ingest import main as ingest
-    from pipeline.inprocess import train_in_process
+    from pipeline.training.inprocess import train_in_process
 
     path = write_multilabel_h5(tmp_path / "nus.h5")
     args = ["multilabel-h5", "--input", str(path), "--store", str(tmp_path / "s"), "--name", "nus"]
@@ -164,8 +164,8 @@ def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
 
 def test_single_label_protocol_is_the_split_against_itself(tiny_dataset):
     from feature_store.store import open_dataset
-    from pipeline import evaluate as E
-    from pipeline.data import EvalProtocol
+    from pipeline.retrieval import metrics as E
+    from pipeline.retrieval.protocol import EvalProtocol
 
     test = EvalProtocol.load(open_dataset(tiny_dataset), "test", top_k=10)
     assert test.database is None

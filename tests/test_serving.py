@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import tracking
-from pipeline.model import RSHNLModel
-from pipeline.serving import WEIGHTS, save_model_file
+from pipeline.method.model import RSHNLModel
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.serving import WEIGHTS, save_model_file
 
 DIMS = {"image_dim": 24, "text_dim": 16, "num_classes": 6}  # the conftest tiny dataset
 

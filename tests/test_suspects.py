@@ -12,7 +12,7 @@ from feature_store import schema as S
 from feature_store.store import list_versions, open_dataset
 from jobs.ingest import main as ingest
 from pipeline.config import TrainConfig
-from pipeline.suspects import SUSPECTS_FILE, TrainReference, precision_at, suspect_report
+from pipeline.training.suspects import SUSPECTS_FILE, TrainReference, precision_at, suspect_report
 
 
 def _ref(ids, classes, noisy, k=4):
@@ -54,8 +54,8 @@ def trained(tmp_path_factory):
     """An in-process run on a set with 40 % symmetric noise, logged to MLflow with its report."""
     from synthetic_util import write_synthetic
 
-    from pipeline import tracking
-    from pipeline.inprocess import train_in_process
+    from pipeline.tracking import runs as tracking
+    from pipeline.training.inprocess import train_in_process
 
     root = tmp_path_factory.mktemp("clean")
     dataset = write_synthetic(

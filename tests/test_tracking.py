@@ -12,7 +12,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_serving import register_small_model, shared_tracking_uri, small_history
 
-from pipeline import evaluate, plots, tracking
+from pipeline.retrieval import metrics as evaluate
+from pipeline.tracking import plots
+from pipeline.tracking import runs as tracking
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_cluster, tiny_dataset, tmp_path_factory):
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     root = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(
@@ -106,7 +106,7 @@ def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import training_dataset
+    from pipeline.training.data import training_dataset
 
     def probe(_config):
         seen = set()

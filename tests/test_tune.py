@@ -6,8 +6,8 @@ import mlflow
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.losses import ell_max
-from pipeline.tune import SweepConfig, trial_config
+from pipeline.experiments.tune import SweepConfig, trial_config
+from pipeline.method.losses import ell_max
 
 pytestmark = pytest.mark.ray
 
@@ -21,7 +21,7 @@ def test_gamma_is_a_fraction_of_ell_max():
 
 def test_scbch_weights_are_searchable_and_untunable_keys_refused():
     from pipeline.config import ConfigError
-    from pipeline.tune import default_space
+    from pipeline.experiments.tune import default_space
 
     base = TrainConfig(dataset="x", method="scbch")
     space = default_space("scbch")
@@ -36,7 +36,7 @@ def test_scbch_weights_are_searchable_and_untunable_keys_refused():
 
 @pytest.fixture(scope="module")
 def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
-    from pipeline.tune import run_sweep
+    from pipeline.experiments.tune import run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
     base = TrainConfig(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import guards, tune
+from pipeline.experiments import tune
+from pipeline.training import guards
 
 
 def _trials(*maps: float) -> list[dict]:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import losses as L
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.step import epoch_gamma, needs_loss_mixture
+from pipeline.method import losses as L
+from pipeline.training.step import epoch_gamma, needs_loss_mixture
 
 
 def _pdf(x: float, m: float, v: float) -> float:
@@ -137,7 +137,7 @@ def noisy_set(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_mixture_weights_are_calibrated_on_known_noise(noisy_set):
-    from pipeline.inprocess import train_in_process
+    from pipeline.training.inprocess import train_in_process
 
     cfg = TrainConfig(
         dataset=noisy_set, bits=16, hidden_dim=128, epochs=8, warmup_epochs=3, lr=1e-3,

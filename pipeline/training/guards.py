@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.weights import encode
+from pipeline.method.weights import encode
 
 
 class UnfitModelError(RuntimeError):
@@ -55,8 +55,8 @@ def nonfinite_tensors(named: Iterable[tuple[str, Any]]) -> list[str]:
 
 
 class CheckedEncoder:
-    """``encode_fn(x, modality)`` for :meth:`pipeline.data.EvalProtocol.encode`: ±1 int8 codes,
-    counting the items whose continuous embedding has a NaN or infinite entry."""
+    """``encode_fn(x, modality)`` for :meth:`~pipeline.retrieval.protocol.EvalProtocol.encode`:
+    ±1 int8 codes, counting the items whose continuous embedding has a NaN or infinite entry."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int = 2048) -> None:
         self.model = model
@@ -129,8 +129,9 @@ def code_collapse(codes: np.ndarray, labels: np.ndarray) -> str | None:
 def collapsed_codes(codes: tuple[Any, Any]) -> list[str]:
     """One line per modality whose query or database codes collapsed (see :func:`code_collapse`).
 
-    ``codes`` is :meth:`pipeline.data.EvalProtocol.encode` output: ``((img, txt, labels), ...)``
-    for the query set and the database (the same tuple for set-vs-itself).
+    ``codes`` is :meth:`~pipeline.retrieval.protocol.EvalProtocol.encode` output:
+    ``((img, txt, labels), ...)`` for the query set and the database (the same tuple for
+    set-vs-itself).
     """
     out = []
     query, database = codes

@@ -4,7 +4,8 @@
 ``valid_map_i2t``, ``valid_map_t2i``, ``valid_map_mean``, ``zero_weight_share``,
 ``noise_precision``, ``noise_recall``; ``weight_hist_edges`` (bin edges over [0, 1]) and
 ``weight_hist_clean`` / ``weight_hist_noisy`` (one list of counts per epoch). ``pr_curves`` is
-``{"i2t": curve, "t2i": curve}`` with curves from :func:`pipeline.evaluate.precision_recall_curve`.
+``{"i2t": curve, "t2i": curve}`` with curves from
+:func:`pipeline.retrieval.metrics.precision_recall_curve`.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import local_shuffle_seed
-from pipeline.losses import LossMixture
-from pipeline.step import compute_loss
+from pipeline.method.losses import LossMixture
+from pipeline.training.data import local_shuffle_seed
+from pipeline.training.step import compute_loss
 
 Batch = dict[str, torch.Tensor]
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from pipeline.model import RSHNLModel, sign_codes
+from pipeline.method.model import RSHNLModel, sign_codes
 
 WEIGHTS = "model.pt"
 

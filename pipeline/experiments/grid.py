@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.store import list_versions, open_dataset, write_noisy_copy
-from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.files import write_json_atomic, write_text_atomic
-from pipeline.methods import METHODS, apply_method
+from pipeline.method.variants import METHODS, apply_method
+from pipeline.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _run_cell(cfg_dict: dict[str, Any], parent_run_id: str, keep: bool) -> dict[
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import pyarrow.fs as pafs
 
-    from pipeline.trainer import read_run_info, run_training
+    from pipeline.training.trainer import read_run_info, run_training
 
     cfg = TrainConfig.from_dict(cfg_dict)
     if read_run_info(cfg, cfg.run_name):
@@ -280,7 +280,7 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
     failed: dict[str, str] = {}
     t0 = time.perf_counter()
     if todo and spec.executor == "inprocess":
-        from pipeline.inprocess import train_in_process
+        from pipeline.training.inprocess import train_in_process
 
         for n_done, (cell, cfg) in enumerate(todo, 1):
             log.info("cell %s: start (%s, in process on %s)", cell.id, cfg.dataset, spec.device)
@@ -310,7 +310,7 @@ def run_grid(spec: GridSpec, ray_address: str | None = None) -> dict[str, Any]:
     elif todo:
         import ray
 
-        from pipeline.trainer import ensure_ray
+        from pipeline.training.trainer import ensure_ray
 
         ensure_ray(spec.base, ray_address)
         per_cell = spec.base.workers * spec.base.cpus_per_worker

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
-from pipeline.losses import LossMixture, LossTerms, rshnl_objective
-from pipeline.model import RSHNLModel
-from pipeline.scbch import reliability_weights, scbch_objective
+from pipeline.method.losses import LossMixture, LossTerms, rshnl_objective
+from pipeline.method.model import RSHNLModel
+from pipeline.method.scbch import reliability_weights, scbch_objective
 
 
 def seed_everything(seed: int) -> None:

@@ -1,8 +1,8 @@
 """Training in one process without Ray or MLflow: the grid's executor on machines without them.
 
-The same epoch (``pipeline.epoch.train_epoch``), model, objective, SCBCH weights, detection and
-evaluation as the Ray Train loop; no checkpoints, no fault tolerance, no tracking. The best epoch
-by validation MAP is kept in memory and evaluated on the test split.
+The same epoch (``pipeline.training.epoch.train_epoch``), model, objective, SCBCH weights,
+detection and evaluation as the Ray Train loop; no checkpoints, no fault tolerance, no tracking. The
+best epoch by validation MAP is kept in memory and evaluated on the test split.
 """
 
 from __future__ import annotations
@@ -19,19 +19,25 @@ import torch
 from feature_store import schema as S
 from feature_store.store import DatasetVersion, open_dataset
 from pipeline.config import TrainConfig
-from pipeline.data import EvalProtocol, feature_normalisation
-from pipeline.epoch import MemoryShard, PairWeights, train_epoch
-from pipeline.losses import fit_loss_mixture
-from pipeline.model import RSHNLModel, fixed_centers
-from pipeline.step import (
+from pipeline.method.losses import fit_loss_mixture
+from pipeline.method.model import RSHNLModel, fixed_centers
+from pipeline.retrieval.protocol import EvalProtocol
+from pipeline.training.data import feature_normalisation
+from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
+from pipeline.training.step import (
     build_model,
     epoch_gamma,
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
 )
-from pipeline.suspects import DETECTION_KEYS, TrainReference, epoch_detection, suspect_report
-from pipeline.train_loop import (
+from pipeline.training.suspects import (
+    DETECTION_KEYS,
+    TrainReference,
+    epoch_detection,
+    suspect_report,
+)
+from pipeline.training.train_loop import (
     checkpoint_score,
     detection_threshold,
     evaluate_split,

@@ -21,11 +21,20 @@ import torch.distributed as dist
 
 from feature_store.store import open_dataset
 from pipeline.config import TrainConfig
-from pipeline.data import EvalProtocol, local_shuffle_seed
-from pipeline.epoch import MemoryShard, PairWeights, train_epoch
-from pipeline.losses import LossMixture, fit_loss_mixture
-from pipeline.model import RSHNLModel, fixed_centers
-from pipeline.step import (
+from pipeline.method.losses import LossMixture, fit_loss_mixture
+from pipeline.method.model import RSHNLModel, fixed_centers
+from pipeline.method.weights import (
+    WEIGHTS,
+    ModelFileError,
+    encode,
+    plain,
+    safe_load,
+    save_model_file,
+)
+from pipeline.retrieval.protocol import EvalProtocol
+from pipeline.training.data import local_shuffle_seed
+from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
+from pipeline.training.step import (
     arch_of,
     assert_centers_synced,
     build_model,
@@ -36,7 +45,7 @@ from pipeline.step import (
     seed_everything,
     train_set_reliability,
 )
-from pipeline.suspects import (
+from pipeline.training.suspects import (
     DETECTION_KEYS,
     SUSPECTS_FILE,
     TrainReference,
@@ -45,7 +54,6 @@ from pipeline.suspects import (
     suspect_report,
     write_report,
 )
-from pipeline.weights import WEIGHTS, ModelFileError, encode, plain, safe_load, save_model_file
 
 log = logging.getLogger("pipeline.train")
 
@@ -164,7 +172,7 @@ _STATE_KEYS = ("optimizer", "epoch", "best_valid_map", "best_epoch", "history", 
 
 def load_train_state(source: Path | str | bytes, what: str = "") -> dict[str, Any]:
     """Read :func:`save_train_state` output without unpickling anything but tensors and plain
-    values; :class:`~pipeline.weights.ModelFileError` names the file otherwise."""
+    values; :class:`~pipeline.method.weights.ModelFileError` names the file otherwise."""
     name = what or str(source)
     state = safe_load(source, name)
     missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
@@ -251,7 +259,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
         ref = TrainReference.load(ds)  # measurement and report only: joined by id, not in the loss
         if loop_config.get("run_id"):
-            from pipeline.tracking import EpochLogger
+            from pipeline.tracking.runs import EpochLogger
 
             epoch_logger = EpochLogger(loop_config["tracking_uri"], loop_config["run_id"])
 

@@ -17,7 +17,7 @@ Params: ``modality`` (``"image"`` | ``"text"``, default image; a ``modality`` co
 
 - ``"codes"`` (default): (n, L) int8 codes in {−1, +1}, rows in input order;
 - ``"packed"``: (n, ⌈L/8⌉) uint8, the codes' bits packed most significant bit first (the layout of
-  :func:`pipeline.evaluate.pack_codes` and of faiss binary indexes);
+  :func:`pipeline.retrieval.metrics.pack_codes` and of faiss binary indexes);
 - ``"both"``: ``{"codes": ..., "packed": ...}``.
 
 The signature declares the output and the params but no input schema: the feature width depends
@@ -36,8 +36,8 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from pipeline.model import MODALITIES, sign_codes
-from pipeline.weights import WEIGHTS, encode, load_model_file, save_model_file
+from pipeline.method.model import MODALITIES, sign_codes
+from pipeline.method.weights import WEIGHTS, encode, load_model_file, save_model_file
 
 log = logging.getLogger(__name__)
 __all__ = [

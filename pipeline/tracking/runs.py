@@ -400,11 +400,11 @@ def finish_run(
     """Log final metrics, artifacts and plots, log the pyfunc model, register and maybe promote it.
 
     Artifacts: ``config.yaml`` (resolved config), ``dataset_manifest.json``,
-    ``final_metrics.json``; with ``history`` (per-epoch lists, see :mod:`pipeline.plots`)
+    ``final_metrics.json``; with ``history`` (per-epoch lists, see :mod:`pipeline.tracking.plots`)
     ``history.json`` and the per-epoch plots; with ``pr_curves`` (``{"i2t": ..., "t2i": ...}``
-    from :func:`pipeline.evaluate.precision_recall_curve`) ``pr_curves.json`` and its plot; all
-    PNGs under ``plots/``; with ``suspects`` (:mod:`pipeline.suspects`) the report
-    ``suspect_labels.parquet`` and its top rows as ``suspect_labels.md``. The model goes to
+    from :func:`~pipeline.retrieval.metrics.precision_recall_curve`) ``pr_curves.json`` and its
+    plot; all PNGs under ``plots/``; with ``suspects`` (:mod:`pipeline.training.suspects`) the
+    report ``suspect_labels.parquet`` and its top rows as ``suspect_labels.md``. The model goes to
     ``model/`` and, with ``registered_model_name``, into the registry, where it takes the
     ``champion`` alias by :func:`promotion_decision`, set compare-and-set by :func:`promote`.
 
@@ -443,7 +443,7 @@ def finish_run(
             )
             files.append("pr_curves.json")
         if suspects is not None:
-            from pipeline.suspects import SUSPECTS_FILE, markdown_head, read_report
+            from pipeline.training.suspects import SUSPECTS_FILE, markdown_head, read_report
 
             shutil.copy(suspects, t / SUSPECTS_FILE)
             (t / "suspect_labels.md").write_text(
@@ -454,7 +454,7 @@ def finish_run(
         for f in files:
             client.log_artifact(run_id, str(t / f))
         if history is not None or pr_curves is not None:
-            from pipeline.plots import write_run_plots
+            from pipeline.tracking.plots import write_run_plots
 
             warmup = config.get("warmup_epochs")
             written, problems = write_run_plots(
@@ -471,7 +471,7 @@ def finish_run(
     if model_dir is not None:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-        from pipeline.serving import log_pyfunc
+        from pipeline.tracking.serving import log_pyfunc
 
         with mlflow.start_run(run_id=run_id):
             info = log_pyfunc(

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion
-from pipeline import evaluate
+from pipeline.retrieval import metrics as evaluate
 
 SUSPECTS_FILE = "suspect_labels.parquet"
 REPORT_COLUMNS = ("item_id", "label", "score", "weight", "predicted", "rank")

@@ -2,8 +2,8 @@
 
 ``HammingIndex(db_codes).search(query_codes, k)`` returns ``(distances, ids)``, both (nq, k), rows
 sorted by distance with ties broken by database index (the ``ties="index"`` convention of
-:mod:`pipeline.evaluate`). Codes are ±1 arrays (NumPy or torch) or, with ``packed=True``, bytes
-from :func:`pipeline.evaluate.pack_codes`.
+:mod:`pipeline.retrieval.metrics`). Codes are ±1 arrays (NumPy or torch) or, with
+``packed=True``, bytes from :func:`pipeline.retrieval.metrics.pack_codes`.
 
 Kinds: ``"flat"`` is exact (faiss ``IndexBinaryFlat``; a chunked NumPy search when faiss is not
 installed); ``"hash"`` (faiss ``IndexBinaryHash``) and ``"mih"`` (multi-index hashing, faiss
@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.evaluate import CHUNK_PAIRS, _faiss, code_bits, hamming_distances, unpack_codes
+from pipeline.retrieval.metrics import (
+    CHUNK_PAIRS,
+    _faiss,
+    code_bits,
+    hamming_distances,
+    unpack_codes,
+)
 
 IndexKind = Literal["flat", "hash", "mih"]
 KINDS: tuple[str, ...] = ("flat", "hash", "mih")

@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.store import open_dataset
-from pipeline import guards, tracking
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import (
-    EvalProtocol,
+from pipeline.method.weights import WEIGHTS, load_model_file
+from pipeline.retrieval.protocol import EvalProtocol
+from pipeline.tracking import runs as tracking
+from pipeline.training import guards
+from pipeline.training.data import (
     cached_in_memory,
     feature_normalisation,
     training_dataset,
 )
-from pipeline.step import arch_of
-from pipeline.suspects import SUSPECTS_FILE
-from pipeline.train_loop import SCORE, train_func
-from pipeline.weights import WEIGHTS, load_model_file
+from pipeline.training.step import arch_of
+from pipeline.training.suspects import SUSPECTS_FILE
+from pipeline.training.train_loop import SCORE, train_func
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +247,8 @@ def check_resume(
 
 def _checkpoint_problem(fs: Any, ckpt_dir: str, arch: dict[str, Any]) -> tuple[str | None, int]:
     """Why a stored checkpoint cannot be resumed from (None if intact), and its epochs done."""
-    from pipeline.train_loop import STATE, load_train_state
-    from pipeline.weights import ModelFileError, safe_load
+    from pipeline.method.weights import ModelFileError, safe_load
+    from pipeline.training.train_loop import STATE, load_train_state
 
     try:
         blobs = {}

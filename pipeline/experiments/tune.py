@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
-from pipeline import guards, tracking
 from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig
-from pipeline.losses import ell_max
+from pipeline.method.losses import ell_max
+from pipeline.tracking import runs as tracking
+from pipeline.training import guards
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _trainable(params: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.trainer import run_training
+    from pipeline.training.trainer import run_training
 
     base = TrainConfig.from_dict(params["_base"])
     cfg = trial_config(base, params)
@@ -197,7 +198,7 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline.trainer import ensure_ray
+    from pipeline.training.trainer import ensure_ray
 
     sweep.validate()
     base = sweep.base
@@ -417,7 +418,7 @@ def _collect(grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
 def _register_first_fit(
     base: TrainConfig, ds: Any, done: list[dict[str, Any]], tracking_uri: str
 ) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, float]]:
-    """Register the best trial whose model passes :func:`pipeline.guards.model_problems`,
+    """Register the best trial whose model passes :func:`pipeline.training.guards.model_problems`,
     trying trials in order of validation MAP; raise UnfitModelError when none does."""
     for candidate in sorted(done, key=lambda t: t["best_valid_map"], reverse=True):
         try:
@@ -436,8 +437,8 @@ def _register_best(
     """Test MAP of the best trial's best checkpoint; log its model in its run and register it."""
     import pyarrow.fs as pafs
 
-    from pipeline.data import EvalProtocol
-    from pipeline.weights import WEIGHTS, load_model_file
+    from pipeline.method.weights import WEIGHTS, load_model_file
+    from pipeline.retrieval.protocol import EvalProtocol
 
     ckpt = best["checkpoint_path"]
     if "://" not in ckpt and "://" in best.get("train_storage", ""):

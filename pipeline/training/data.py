@@ -1,0 +1,54 @@
+"""From the feature store to worker batches (Ray Data) and to in-memory evaluation splits."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from feature_store import schema as S
+from feature_store.store import DatasetVersion
+
+log = logging.getLogger(__name__)
+
+
+def cached_in_memory(ds: DatasetVersion, cache_max_bytes: int) -> bool:
+    """Whether the train split is small enough for each worker to hold its shard in memory."""
+    return ds.manifest["files"]["train.parquet"]["bytes"] <= cache_max_bytes
+
+
+def training_dataset(ds: DatasetVersion, seed: int, workers: int, cache_max_bytes: int):
+    """The train split with only the columns a worker may see (a ``ray.data.Dataset``).
+
+    Clean labels and the noise flag are dropped at the scan, so they never reach a worker. A
+    split up to ``cache_max_bytes`` is read once into the object store; each worker reads its
+    shard from it once and shuffles it in memory every epoch
+    (``pipeline.training.epoch.MemoryShard``).
+    A larger split is streamed every epoch with a seeded block order and the worker's local
+    shuffle buffer (see ``local_shuffle_seed``).
+    """
+    from ray.data import RandomSeedConfig
+
+    # read through the version's own filesystem (local or s3://, settings from the AWS
+    # environment); a noisy copy's labels are joined onto the shared feature files
+    rd = ds.ray_dataset("train", S.TRAINING_COLUMNS)
+    if cached_in_memory(ds, cache_max_bytes):
+        rows = ds.manifest["files"]["train.parquet"]["rows"]
+        return rd.repartition(min(max(16, 8 * workers), max(1, rows // 8))).materialize()
+    return rd.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """A distinct, reproducible in-worker shuffle seed per (run seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch * 9_973 + rank) % (2**31)
+
+
+def feature_normalisation(ds: DatasetVersion) -> dict[str, list[list[float]]]:
+    """Per-dimension mean and scale of each modality over the train split (features only)."""
+    a = ds.read_arrays("train", [S.IMAGE, S.TEXT])
+    out: dict[str, list[list[float]]] = {}
+    for m in (S.IMAGE, S.TEXT):
+        x = a[m].astype(np.float64)
+        std = x.std(axis=0)
+        out[m] = [x.mean(axis=0).tolist(), np.where(std > 1e-8, std, 1.0).tolist()]
+    return out
