@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.method.losses import ell_max
+from pipeline.method.bounds import ell_max
 
 log = logging.getLogger(__name__)
 

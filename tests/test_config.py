@@ -39,7 +39,7 @@ def test_gamma_above_ell_max_is_refused_unless_allowed(caplog):
 
 def test_variants_and_sweeps_that_mean_gamma_above_ell_max_still_validate():
     from pipeline.experiments.tune import trial_config
-    from pipeline.method.losses import ell_max
+    from pipeline.method.bounds import ell_max
     from pipeline.method.variants import apply_method
 
     d = apply_method("RSHNL-D", TrainConfig(dataset="x")).validate()

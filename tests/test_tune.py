@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.experiments.tune import SweepConfig, trial_config
-from pipeline.method.losses import ell_max
+from pipeline.method.bounds import ell_max
 
 pytestmark = pytest.mark.ray
 

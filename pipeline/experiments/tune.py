@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig
-from pipeline.method.losses import ell_max
+from pipeline.method.bounds import ell_max
 from pipeline.tracking import runs as tracking
 from pipeline.training import guards
 

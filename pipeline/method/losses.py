@@ -224,11 +224,6 @@ def fit_loss_mixture(
     )  # fmt: skip
 
 
-def ell_max(r: float, num_modalities: int = 2) -> float:
-    """ℓ_i^max = M(r² − r + 1)/r of Eq 14: the upper bound of ℓ_i, hence of a useful γ."""
-    return num_modalities * (r * r - r + 1.0) / r
-
-
 @dataclass
 class LossTerms:
     """The objective of Eq 9 and its parts for one batch."""

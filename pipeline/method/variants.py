@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig
-from pipeline.method.losses import ell_max
+from pipeline.method.bounds import ell_max
 
 DESCRIPTIONS = {
     "RSHNL": "the full method (paper defaults)",
