@@ -18,7 +18,7 @@ A noisy copy (:func:`write_noisy_copy`) is a new version holding only a label ov
 manifest lists the base's feature files by reference (``"ref": "NAME/vK/train.parquet"``,
 relative to the store root, with their checksums), so features are never copied. The reader
 resolves references and joins the overlay's label columns onto the feature rows:
-``read_table`` / ``read_arrays`` / ``iter_batches`` / ``ray_dataset`` work the same on both kinds
+``read_table`` / ``read_arrays`` / ``iter_batches`` / ``parquet_scan`` work the same on both kinds
 of version; ``split_uri`` gives a single file's URI and refuses a split that has an overlay.
 """
 
@@ -928,7 +928,7 @@ class DatasetVersion:
         if lay.get("labels"):
             raise FeatureStoreError(
                 f"{self.uri}: split '{split}' is a label overlay on shared feature files (a "
-                "noisy copy); read it with DatasetVersion.ray_dataset / read_table / "
+                "noisy copy); read it with DatasetVersion.parquet_scan / read_table / "
                 "iter_batches, which join the labels onto the features"
             )
         return self._uri_of(self.file_path(str(lay["features"])))
@@ -1037,20 +1037,19 @@ class DatasetVersion:
                 yield group.slice(a, step)
             del group
 
-    def ray_dataset(
+    def parquet_scan(
         self, split: str, columns: list[str] | tuple[str, ...] = S.TRAINING_COLUMNS
-    ) -> Any:
-        """A ``ray.data.Dataset`` of one split's columns, read through this version's filesystem.
+    ) -> ParquetScan:
+        """How to read one split's columns with a Parquet reader (e.g. Ray Data's).
 
-        For a noisy copy the label columns are joined onto the shared feature rows by item id
-        inside each block, so workers see the copy's labels without a copy of the features.
+        For a noisy copy the scan reads the shared feature file and ``join`` puts the copy's
+        label columns onto each block by item id, so readers see the copy's labels without a
+        copy of the features.
         """
-        import ray.data
-
         cols, label_cols, overlay = self._columns(split, columns)
         path = self.file_path(str(self._layout(split)["features"]))
         if not label_cols:
-            return ray.data.read_parquet(path, filesystem=self._fs, columns=cols)
+            return ParquetScan(path, self._fs, list(cols), None)
         feat_cols = [c for c in cols if c not in label_cols]
         need = list(dict.fromkeys([S.ITEM_ID, *feat_cols]))
         lt = self._overlay_table(str(overlay), label_cols)
@@ -1071,9 +1070,18 @@ class DatasetVersion:
             }
             return pa.table(data)
 
-        return ray.data.read_parquet(path, filesystem=self._fs, columns=need).map_batches(
-            join, batch_format="pyarrow", zero_copy_batch=True
-        )
+        return ParquetScan(path, self._fs, need, join)
+
+
+@dataclass(frozen=True)
+class ParquetScan:
+    """A split's Parquet file, its filesystem, the columns to read, and the per-block label join
+    of a noisy copy (``None`` for a version that owns its labels)."""
+
+    path: str
+    filesystem: pafs.FileSystem
+    columns: list[str]
+    join: Callable[[pa.Table], pa.Table] | None
 
 
 def _dataset_hint(fs: pafs.FileSystem, path: str, uri: str) -> str:

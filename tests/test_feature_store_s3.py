@@ -16,6 +16,7 @@ from feature_store.plan import GeneratedFeatures
 from feature_store.store import list_versions, open_dataset, write_noisy_copy, write_version
 from feature_store.synthetic import generate_plan
 from jobs.ingest import main as ingest_main
+from pipeline.training.data import ray_dataset
 
 REGION = "us-east-1"
 
@@ -165,7 +166,7 @@ def test_ray_reads_a_noisy_copy_from_s3(s3):
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        rows = copy.ray_dataset("train", S.TRAINING_COLUMNS).take_all()
+        rows = ray_dataset(copy, "train", S.TRAINING_COLUMNS).take_all()
     finally:
         if started:
             ray.shutdown()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -119,6 +120,15 @@ def test_noisy_copy_points_at_the_same_feature_files(tmp_path):
         [S.to_matrix(t.column(S.LABEL)) for t in copy.iter_batches("train", [S.LABEL], 16)]
     )
     assert (streamed == c[S.LABEL]).all()
+    # a Parquet reader (Ray Data's) reads the shared file; the scan's join puts the copy's labels on
+    scan = copy.parquet_scan("train", S.TRAINING_COLUMNS)
+    assert scan.path.endswith("syn/v1/train.parquet") and scan.join is not None
+    t = pq.read_table(scan.path, columns=scan.columns)
+    joined = pa.concat_tables([scan.join(b) for b in t.slice(7).to_batches(max_chunksize=5)])
+    assert joined.column_names == list(S.TRAINING_COLUMNS)
+    assert (S.to_matrix(joined.column(S.LABEL)) == c[S.LABEL][7:]).all()
+    assert (joined.column(S.ITEM_ID).to_numpy() == c[S.ITEM_ID][7:]).all()
+    assert base.parquet_scan("train", S.TRAINING_COLUMNS).join is None
     # evaluation splits resolve to the base's files; the train split has no single file
     assert copy.split_uri("valid") == str(tmp_path / "syn" / "v1" / "valid.parquet")
     with pytest.raises(FeatureStoreError, match="label overlay on shared feature files"):

@@ -1,8 +1,10 @@
-"""From the feature store to worker batches (Ray Data) and to in-memory evaluation splits."""
+"""From the feature store to Ray Train workers: the Ray Data reader, the train split a worker may
+see, its shuffle seeds, and the feature normalisation statistics."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -31,11 +33,25 @@ def training_dataset(ds: DatasetVersion, seed: int, workers: int, cache_max_byte
 
     # read through the version's own filesystem (local or s3://, settings from the AWS
     # environment); a noisy copy's labels are joined onto the shared feature files
-    rd = ds.ray_dataset("train", S.TRAINING_COLUMNS)
+    rd = ray_dataset(ds, "train", S.TRAINING_COLUMNS)
     if cached_in_memory(ds, cache_max_bytes):
         rows = ds.manifest["files"]["train.parquet"]["rows"]
         return rd.repartition(min(max(16, 8 * workers), max(1, rows // 8))).materialize()
     return rd.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def ray_dataset(
+    ds: DatasetVersion, split: str, columns: list[str] | tuple[str, ...] = S.TRAINING_COLUMNS
+) -> Any:
+    """A ``ray.data.Dataset`` of one split's columns, read through the version's filesystem
+    (local or s3://); a noisy copy's labels are joined onto the shared feature rows per block."""
+    import ray.data
+
+    scan = ds.parquet_scan(split, columns)
+    rd = ray.data.read_parquet(scan.path, filesystem=scan.filesystem, columns=scan.columns)
+    if scan.join is None:
+        return rd
+    return rd.map_batches(scan.join, batch_format="pyarrow", zero_copy_batch=True)
 
 
 def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
