@@ -435,28 +435,18 @@ def _register_best(
     base: TrainConfig, ds: Any, best: dict[str, Any], tracking_uri: str
 ) -> tuple[dict[str, str] | None, dict[str, float]]:
     """Test MAP of the best trial's best checkpoint; log its model in its run and register it."""
-    import pyarrow.fs as pafs
-
-    from pipeline.method.weights import WEIGHTS, load_model_file
-    from pipeline.retrieval.protocol import EvalProtocol
+    from pipeline.method.weights import WEIGHTS
+    from pipeline.training.final_eval import final_evaluation, load_checkpoint_model
 
     ckpt = best["checkpoint_path"]
     if "://" not in ckpt and "://" in best.get("train_storage", ""):
         ckpt = best["train_storage"].split("://", 1)[0] + "://" + ckpt  # Tune reports bare paths
-    fs, path = pafs.FileSystem.from_uri(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / WEIGHTS
-        with fs.open_input_stream(f"{path}/{WEIGHTS}") as src, open(local, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        model, _ = load_model_file(local)
-        test = EvalProtocol.load(ds, "test", base.eval_top_k)
-        encoder = guards.CheckedEncoder(model, base.eval_batch_size)
-        codes = test.encode(encoder)
-        problems = guards.model_problems(best.get("losses", {}), model, encoder, codes)
-        if problems:
-            raise guards.UnfitModelError("; ".join(problems))
-        test_map = test.map_of(codes)
+        model = load_checkpoint_model(ckpt, Path(tmp) / WEIGHTS)
+        final = final_evaluation(model, ds, base, best.get("losses", {}))
+        if final.problems:
+            raise guards.UnfitModelError("; ".join(final.problems))
+        test_map = final.test_map
         tuned = [k for k in best["config"] if k != "gamma_fraction"]
         cfg = base.replace(**{k: best["config"][k] for k in tuned})
         registered = tracking.finish_run(
@@ -465,6 +455,7 @@ def _register_best(
             config={**cfg.to_dict(), "data_version": ds.data_version},
             manifest=ds.manifest,
             final_metrics={"test_map": test_map, "best_valid_map": best["best_valid_map"]},
+            pr_curves=final.pr_curves,
             model_dir=Path(tmp),
             registered_model_name=base.registered_model_name if base.register_model else None,
         )

@@ -20,6 +20,10 @@ class UnfitModelError(RuntimeError):
     """A trained model failed the checks before registration."""
 
 
+class TrainingError(RuntimeError):
+    """Training did not complete or produced an unusable model; the message says why."""
+
+
 # The codes must hold at least this share of min(1 bit, the labels' entropy).
 MIN_INFORMATION_SHARE = 0.5
 

@@ -24,6 +24,8 @@ from pipeline.method.model import RSHNLModel, fixed_centers
 from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.training.data import feature_normalisation
 from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
+from pipeline.training.final_eval import final_evaluation
+from pipeline.training.guards import TrainingError
 from pipeline.training.step import (
     build_model,
     epoch_gamma,
@@ -152,10 +154,12 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     assert best_state is not None and result is not None
     suspects = suspect_report(ref, result.item_id, result.ell, result.weight, result.predicted)
     model.load_state_dict(best_state)
-    t0 = time.perf_counter()
-    test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
-    test_map = evaluate_split(model, test, cfg.eval_batch_size)
-    test_eval = time.perf_counter() - t0
+    final = final_evaluation(model, ds, cfg, history)
+    if final.problems:
+        raise TrainingError(
+            f"in-process run produced an unusable model: {'; '.join(final.problems)}"
+        )
+    test_map, test_eval = final.test_map, final.seconds
     steady = train_s[1:] or train_s
     return {
         "test_map": test_map,

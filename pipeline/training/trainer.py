@@ -19,23 +19,19 @@ from typing import Any
 from feature_store.store import open_dataset
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.method.weights import WEIGHTS, load_model_file
-from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.tracking import runs as tracking
-from pipeline.training import guards
 from pipeline.training.data import (
     cached_in_memory,
     feature_normalisation,
     training_dataset,
 )
+from pipeline.training.final_eval import fetch_weights, final_evaluation
+from pipeline.training.guards import TrainingError
 from pipeline.training.step import arch_of
 from pipeline.training.suspects import SUSPECTS_FILE
 from pipeline.training.train_loop import SCORE, train_func
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training did not complete; the message says why."""
 
 
 def ensure_ray(
@@ -554,41 +550,33 @@ def _fit(
     if not result.best_checkpoints:
         raise TrainingError(f"training run {run_name} reported no checkpoint")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
-    with best_ckpt.as_directory() as d:
-        keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
-        shutil.copy(Path(d) / WEIGHTS, keep)
+    keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
+    fetch_weights(best_ckpt.filesystem, best_ckpt.path, keep)
     suspects = None  # the last epoch's report travels with the latest checkpoint
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             if (Path(d) / SUSPECTS_FILE).exists():
                 suspects = Path(tempfile.mkdtemp(prefix="rshnl-suspects-")) / SUSPECTS_FILE
                 shutil.copy(Path(d) / SUSPECTS_FILE, suspects)
-    t_test = time.perf_counter()
     model, _ = load_model_file(keep)
-    test = EvalProtocol.load(ds, "test", cfg.eval_top_k)
-    encoder = guards.CheckedEncoder(model, cfg.eval_batch_size)
-    codes = test.encode(encoder)
-    test_map = test.map_of(codes)
-    test_eval_seconds = time.perf_counter() - t_test
-    pr_curves = test.pr_curves_of(codes)
+    final = final_evaluation(model, ds, cfg, last.get("history") or {})
     import ray
 
     attempts, timings = ray.get(monitor.get.remote())
     ray.kill(monitor)
-    problems = guards.model_problems(last.get("history") or {}, model, encoder, codes)
-    if problems:
+    if final.problems:
         shutil.rmtree(keep.parent, ignore_errors=True)
         if suspects is not None:
             shutil.rmtree(suspects.parent, ignore_errors=True)
         raise TrainingError(
-            f"training run {run_name} produced an unusable model: {'; '.join(problems)}"
+            f"training run {run_name} produced an unusable model: {'; '.join(final.problems)}"
         )
     restarts = max(0, attempts - 1)
     summary = {
         "run_name": run_name,
         "dataset": ds.uri,
         "data_version": ds.data_version,
-        "test_map": test_map,
+        "test_map": final.test_map,
         "best_valid_map": {
             "i2t": best_metrics["valid_map_i2t"],
             "t2i": best_metrics["valid_map_t2i"],
@@ -598,7 +586,7 @@ def _fit(
         "epochs_run": int(last.get("epoch", 0)),
         "seconds_per_epoch": float(last.get("seconds_per_epoch", float("nan"))),
         "wall_seconds": wall,
-        "test_eval_seconds": test_eval_seconds,
+        "test_eval_seconds": final.seconds,
         "noise_detection": last.get("noise_detection", {}),
         "suspect_labels": last.get("suspect_labels", {}),
         "center_checksums": list(last.get("center_checksums", [])),
@@ -609,15 +597,15 @@ def _fit(
         "history": last.get("history", {}),
         "checkpoint_path": best_ckpt.path,
         "_best_weights": str(keep),
-        "_pr_curves": pr_curves,
+        "_pr_curves": final.pr_curves,
         "_suspects": suspects,
     }
     log.info(
         "best epoch %d: valid MAP %.4f, test MAP %.4f (i2t %.4f, t2i %.4f)",
         summary["best_epoch"],
         best_metrics["valid_map_mean"],
-        test_map["mean"],
-        test_map["i2t"],
-        test_map["t2i"],
+        final.test_map["mean"],
+        final.test_map["i2t"],
+        final.test_map["t2i"],
     )
     return summary
