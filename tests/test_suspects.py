@@ -12,7 +12,7 @@ from feature_store import schema as S
 from feature_store.store import list_versions, open_dataset
 from jobs.ingest import main as ingest
 from pipeline.config import TrainConfig
-from pipeline.training.suspects import SUSPECTS_FILE, TrainReference, precision_at, suspect_report
+from pipeline.method.suspects import SUSPECTS_FILE, TrainReference, precision_at, suspect_report
 
 
 def _ref(ids, classes, noisy, k=4):

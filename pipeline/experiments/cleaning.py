@@ -8,8 +8,8 @@ from typing import Any
 
 from feature_store.store import check_target, open_dataset, write_cleaned_copy
 from pipeline.config import ConfigError
+from pipeline.method.suspects import SUSPECTS_FILE, read_report
 from pipeline.tracking import runs as tracking
-from pipeline.training.suspects import SUSPECTS_FILE, read_report
 
 log = logging.getLogger(__name__)
 

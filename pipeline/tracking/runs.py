@@ -403,7 +403,7 @@ def finish_run(
     ``final_metrics.json``; with ``history`` (per-epoch lists, see :mod:`pipeline.tracking.plots`)
     ``history.json`` and the per-epoch plots; with ``pr_curves`` (``{"i2t": ..., "t2i": ...}``
     from :func:`~pipeline.retrieval.metrics.precision_recall_curve`) ``pr_curves.json`` and its
-    plot; all PNGs under ``plots/``; with ``suspects`` (:mod:`pipeline.training.suspects`) the
+    plot; all PNGs under ``plots/``; with ``suspects`` (:mod:`pipeline.method.suspects`) the
     report ``suspect_labels.parquet`` and its top rows as ``suspect_labels.md``. The model goes to
     ``model/`` and, with ``registered_model_name``, into the registry, where it takes the
     ``champion`` alias by :func:`promotion_decision`, set compare-and-set by :func:`promote`.
@@ -443,7 +443,7 @@ def finish_run(
             )
             files.append("pr_curves.json")
         if suspects is not None:
-            from pipeline.training.suspects import SUSPECTS_FILE, markdown_head, read_report
+            from pipeline.method.suspects import SUSPECTS_FILE, markdown_head, read_report
 
             shutil.copy(suspects, t / SUSPECTS_FILE)
             (t / "suspect_labels.md").write_text(

@@ -21,6 +21,12 @@ from feature_store.store import DatasetVersion, open_dataset
 from pipeline.config import TrainConfig
 from pipeline.method.losses import fit_loss_mixture
 from pipeline.method.model import RSHNLModel, fixed_centers
+from pipeline.method.suspects import (
+    DETECTION_KEYS,
+    TrainReference,
+    epoch_detection,
+    suspect_report,
+)
 from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.training.data import feature_normalisation
 from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
@@ -32,12 +38,6 @@ from pipeline.training.step import (
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
-)
-from pipeline.training.suspects import (
-    DETECTION_KEYS,
-    TrainReference,
-    epoch_detection,
-    suspect_report,
 )
 from pipeline.training.train_loop import (
     checkpoint_score,

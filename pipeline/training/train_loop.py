@@ -23,6 +23,15 @@ from feature_store.store import open_dataset
 from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture, fit_loss_mixture
 from pipeline.method.model import RSHNLModel, fixed_centers
+from pipeline.method.suspects import (
+    DETECTION_KEYS,
+    SUSPECTS_FILE,
+    TrainReference,
+    epoch_detection,
+    summary_of,
+    suspect_report,
+    write_report,
+)
 from pipeline.method.weights import (
     WEIGHTS,
     ModelFileError,
@@ -44,15 +53,6 @@ from pipeline.training.step import (
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
-)
-from pipeline.training.suspects import (
-    DETECTION_KEYS,
-    SUSPECTS_FILE,
-    TrainReference,
-    epoch_detection,
-    summary_of,
-    suspect_report,
-    write_report,
 )
 
 log = logging.getLogger("pipeline.train")

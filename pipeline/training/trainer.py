@@ -18,6 +18,7 @@ from typing import Any
 
 from feature_store.store import open_dataset
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.method.suspects import SUSPECTS_FILE
 from pipeline.method.weights import WEIGHTS, load_model_file
 from pipeline.tracking import runs as tracking
 from pipeline.training.data import (
@@ -28,7 +29,6 @@ from pipeline.training.data import (
 from pipeline.training.final_eval import fetch_weights, final_evaluation
 from pipeline.training.guards import TrainingError
 from pipeline.training.step import arch_of
-from pipeline.training.suspects import SUSPECTS_FILE
 from pipeline.training.train_loop import SCORE, train_func
 
 log = logging.getLogger(__name__)
