@@ -1,4 +1,5 @@
-"""The data-driven weightings (loss mixture, mixture γ, τ of Eq 4) against hand computations."""
+"""The data-driven weightings (loss mixture, mixture γ, τ of Eq 4) against hand computations
+and the brute-force reference of tests/references.py."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import references as R
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
@@ -73,41 +75,95 @@ def test_fit_recovers_a_known_mixture_deterministically():
     assert w[:1200].mean() > 0.95 and w[1200:].mean() < 0.05
 
 
-def _objective(**kw):
-    g = torch.Generator().manual_seed(0)
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
+ARGS = {"epoch": 5, "warmup_epochs": 2, "gamma": 3.0, "alpha": 0.1, "r": 0.1}
+
+
+def _data(dtype: torch.dtype = torch.float32):
+    # seed 2: the class nearest by Σ_m p(k | x) differs between τ = 1 and τ = 0.2 for some pairs
+    g = torch.Generator().manual_seed(2)
     img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
     txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
     ctr = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
     lab = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
-    args = {"epoch": 5, "warmup_epochs": 2, "gamma": 3.0, "alpha": 0.1, "r": 0.1}
-    return L.rshnl_objective(img, txt, ctr, lab, **(args | kw)), (img, txt, ctr, lab)
+    return tuple(x.to(dtype) for x in (img, txt, ctr, lab))
 
 
-def test_mixture_objective_weights_each_pair_by_its_clean_posterior():
-    mix = L.LossMixture((0.5, 0.5), (3.0, 3.6), (0.05, 0.05))
-    t, (img, txt, ctr, lab) = _objective(weighting="mixture", mixture=mix)
-    ell = L.pair_losses([img, txt], ctr, lab, 1.0, 0.1)
-    w = mix.clean_posterior(ell)
-    assert torch.allclose(t.weights, w)
-    assert t.center.item() == pytest.approx((w * ell).mean().item(), rel=1e-6)
-    # without a fit yet (first epoch) every pair has weight 1: L_p
-    t0, _ = _objective(weighting="mixture", mixture=None)
-    assert t0.center.item() == pytest.approx(ell.mean().item(), rel=1e-6)
+def _objective(dtype: torch.dtype = torch.float32, **kw):
+    img, txt, ctr, lab = _data(dtype)
+    return L.rshnl_objective(img, txt, ctr, lab, **(ARGS | kw)), (img, txt, ctr, lab)
 
 
-def test_tau_center_is_the_temperature_of_eq4_only():
-    t, (img, txt, ctr, lab) = _objective(weighting="spl", tau=1.0, tau_center=0.2)
+def _reference(dtype: torch.dtype = torch.float32, **kw):
+    img, txt, ctr, lab = _data(dtype)
+    return R.objective(*R.f64(img, txt, ctr), lab.tolist(), **(ARGS | kw))
+
+
+def _mixture_inside_the_losses(tau_center: float) -> tuple[tuple, tuple, tuple]:
+    """(pi, mean, var) with the means at the 2nd smallest and 2nd largest ℓ_i of the batch, so
+    one pair is clipped at each end and the others fall in between."""
+    ell = sorted(R.value(x) for x in _reference(weighting="none", tau_center=tau_center)["ell"])
+    lo, hi = ell[1], ell[-2]
+    assert hi - lo > 0.05
+    spread = ((hi - lo) / 3) ** 2
+    return (0.6, 0.4), (lo, hi), (spread, 1.5 * spread)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epoch", [1, 5])  # warm-up (N_w = 2): L_p, posteriors for monitoring
+@pytest.mark.parametrize("pseudo", [False, True])
+def test_mixture_objective_matches_the_brute_force_reference(dtype, epoch, pseudo):
+    pi, mean, var = _mixture_inside_the_losses(0.2)
+    kw = dict(weighting="mixture", tau_center=0.2, epoch=epoch, pseudo_labels=pseudo)
+    t, _ = _objective(dtype, mixture=L.LossMixture(pi, mean, var), **kw)
+    ref = _reference(dtype, mixture=(pi, mean, var), **kw)
+    tol = TOL[dtype]
+    assert t.warmup == (epoch < 2)
+    for key in ("total", "chl", "center"):
+        assert getattr(t, key).item() == pytest.approx(R.value(ref[key]), rel=tol), key
+    assert t.ell.tolist() == pytest.approx([R.value(x) for x in ref["ell"]], rel=tol)
+    assert t.weights.tolist() == pytest.approx(ref["weights"], rel=tol, abs=1e-12)
+    assert t.predicted.tolist() == ref["predicted"]
+    assert max(ref["weights"]) - min(ref["weights"]) > 0.3  # the weights do vary over pairs
+    # the predicted class (and the pseudo-label) uses τ of Eq 4, which matters for this batch
+    img, txt, ctr, _ = R.f64(*_data())
+    assert ref["predicted"] != R.predicted([img, txt], ctr, 1.0)
+
+
+def test_pseudo_labels_change_the_objective_only_after_warmup():
+    mix = L.LossMixture(*_mixture_inside_the_losses(0.2))
+    kw = dict(weighting="mixture", tau_center=0.2, mixture=mix)
+    for epoch, differs in ((1, False), (5, True)):
+        a, _ = _objective(epoch=epoch, pseudo_labels=False, **kw)
+        b, _ = _objective(epoch=epoch, pseudo_labels=True, **kw)
+        assert (abs(a.total.item() - b.total.item()) > 1e-3) is differs
+
+
+def test_mixture_objective_without_a_fit_is_lp():
+    # first epoch after warm-up, no fit yet: every pair has weight 1 and the center term is L_p
+    t, _ = _objective(weighting="mixture", mixture=None)
+    ref = _reference(weighting="none")
+    assert t.weights.tolist() == [1.0] * 6
+    assert t.center.item() == pytest.approx(R.value(ref["center"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tau_center_is_the_temperature_of_eq4_only(dtype):
+    t, (img, txt, ctr, lab) = _objective(dtype, weighting="spl", tau=1.0, tau_center=0.2)
     # p(k|x) = softmax(b·c_k / 0.2) by hand, v = p of the label, ℓ = Σ_m robust_term(v)
-    ref = torch.zeros(6)
+    ref = [0.0] * 6
     for h in (img, txt):
         for i in range(6):
             logits = [float(h[i] @ ctr[k]) / 0.2 for k in range(3)]
             z = sum(math.exp(v) for v in logits)
             p = math.exp(logits[int(lab[i].argmax())]) / z
             ref[i] += (1 - 0.1) * (1 - p**0.1) / 0.1 + 0.1 * (1 - p)
-    assert torch.allclose(t.ell, ref, atol=1e-5)
-    same, _ = _objective(weighting="spl", tau=1.0)
-    assert same.chl.item() == pytest.approx(t.chl.item())  # Eq 2 keeps τ = 1
+    assert t.ell.tolist() == pytest.approx(ref, rel=TOL[dtype])
+    # Eq 2 keeps τ = 1: L_C of the reference at τ = 1, not at 0.2
+    lc = R.value(R.chl(R.f64(img, txt), 1.0, 0.1))
+    assert t.chl.item() == pytest.approx(lc, rel=TOL[dtype])
+    assert R.value(R.chl(R.f64(img, txt), 0.2, 0.1)) != pytest.approx(lc, rel=1e-2)
 
 
 def test_mixture_gamma_and_config():
