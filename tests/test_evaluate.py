@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+import references as R
 import torch
 
 from pipeline.retrieval.metrics import (
@@ -13,6 +14,8 @@ from pipeline.retrieval.metrics import (
     cross_modal_map,
     mean_average_precision,
     noise_detection,
+    precision_at_k,
+    retrieval_report,
 )
 
 
@@ -88,6 +91,91 @@ def test_expected_ties_match_exhaustive_orderings(seed):
     )
 
 
+def _sampled_orderings(qc, dc, ql, dl, k, trials, seed):
+    """Tie-aware AP@k and P@k estimated by ranking ``trials`` times with ties broken at random
+    (a uniform key per item added to its integer distance); per-query means and their standard
+    errors."""
+    rng = np.random.default_rng(seed)
+    dist = (qc[:, None, :] != dc[None, :, :]).sum(axis=2)
+    rel = (ql.astype(int) @ dl.astype(int).T) > 0
+    pos = np.arange(1, dc.shape[0] + 1)
+    ap_mean, ap_var, p_mean = [], [], []
+    for i in range(qc.shape[0]):
+        order = np.argsort(dist[i] + rng.random((trials, dc.shape[0])), axis=1)
+        r = rel[i][order][:, :k]
+        ap = (np.cumsum(r, axis=1) / pos[:k] * r).sum(axis=1) / max(min(rel[i].sum(), k), 1)
+        ap_mean.append(ap.mean())
+        ap_var.append(ap.var() / trials)
+        p_mean.append(r.sum(axis=1).mean() / k)
+    return np.array(ap_mean), np.array(ap_var), np.array(p_mean)
+
+
+@pytest.mark.parametrize(
+    ("seed", "bits", "classes", "multi", "k"),
+    [(0, 5, 4, False, 60), (1, 6, 3, False, 9), (2, 4, 150, True, 60), (3, 6, 8, True, 17)],
+)
+def test_expected_ties_match_randomly_broken_ties(seed, bits, classes, multi, k):
+    # 60 items on few bits: tie groups far too large to enumerate, so the reference averages
+    # 4000 rankings with ties broken at random; 150 classes need several 64-bit label words
+    rng = np.random.default_rng(seed)
+    qc = np.where(rng.random((12, bits)) > 0.5, 1, -1)
+    dc = np.where(rng.random((60, bits)) > 0.5, 1, -1)
+    if multi:
+        share = 3.0 / classes
+        ql, dl = ((rng.random((n, classes)) < share).astype(int) for n in (12, 60))
+        ql[0] = 0  # a query without any label: AP 0, counted in the mean
+        dl[:, -1] = rng.random(60) < 0.3
+        ql[1:, -1] = rng.random(11) < 0.3
+    else:
+        ql = np.eye(classes, dtype=int)[rng.integers(0, classes, 12)]
+        dl = np.eye(classes, dtype=int)[rng.integers(0, classes, 60)]
+    ap, var, p = _sampled_orderings(qc, dc, ql, dl, k, trials=4000, seed=seed)
+    se = float(np.sqrt(var.sum())) / len(ap)
+    assert se > 0  # the ties matter here, or the comparison would say little
+    top = None if k == 60 else k
+    aps = average_precisions(qc, dc, ql, dl, ties="expected", top_k=top)
+    assert abs(aps.mean() - ap.mean()) < 5 * se + 1e-12
+    assert np.all(np.abs(aps - ap) < 5 * np.sqrt(var) + 1e-12)
+    assert precision_at_k(qc, dc, ql, dl, k, ties="expected") == pytest.approx(p.mean(), abs=0.01)
+    rep = retrieval_report(qc, dc, ql, dl, ks=(k,))
+    want = rep["map"]["expected"] if k == 60 else rep["map_at_k"][str(k)]["expected"]
+    assert abs(want - ap.mean()) < 5 * se + 1e-12
+    assert rep["precision_at_k"][str(k)]["expected"] == pytest.approx(p.mean(), abs=0.01)
+    if multi:
+        assert aps[0] == 0.0 and rep["queries_without_relevant"] >= 1
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_expected_ties_of_one_tie_group_are_a_random_ranking(multi):
+    # every database code equal: the tie-aware ranking is a uniformly random order, whose
+    # expected AP has the closed form derived in references.random_ranking_ap
+    rng = np.random.default_rng(7)
+    n, classes = 300, 5
+    if multi:
+        ql, dl = ((rng.random((m, classes)) < 0.3).astype(int) for m in (40, n))
+    else:
+        ql = np.eye(classes, dtype=int)[rng.integers(0, classes, 40)]
+        dl = np.eye(classes, dtype=int)[rng.integers(0, classes, n)]
+    qc = np.where(rng.random((40, 8)) > 0.5, 1, -1)
+    dc = np.ones((n, 8), dtype=int)
+    aps = average_precisions(qc, dc, ql, dl, ties="expected")
+    rel = (ql @ dl.T) > 0
+    want = [R.random_ranking_ap(int(row.sum()), n) for row in rel]
+    assert aps.tolist() == pytest.approx(want, abs=1e-12)
+    assert R.random_ranking_map(ql, dl) == pytest.approx(float(np.mean(want)))
+
+
+def test_random_ranking_ap_by_hand_and_by_enumeration():
+    # n = 3, R = 1: the relevant item at rank 1, 2 or 3 → (1 + 1/2 + 1/3)/3
+    assert R.random_ranking_ap(1, 3) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert R.random_ranking_ap(4, 4) == 1.0 and R.random_ranking_ap(0, 5) == 0.0
+    for n_rel in range(1, 6):
+        rel = [True] * n_rel + [False] * (6 - n_rel)
+        perms = list(itertools.permutations(rel))
+        want = sum(_ap_of_ranking(list(p), 6, n_rel) for p in perms) / len(perms)
+        assert R.random_ranking_ap(n_rel, 6) == pytest.approx(want, abs=1e-12)
+
+
 def test_hand_example_and_tie_handling():
     q = np.array([[1, 1]])
     db = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]])  # distances 0, 1, 1, 2
@@ -106,6 +194,8 @@ def test_torch_input_and_cross_modal_protocol():
     t = mean_average_precision(torch.tensor(qc), torch.tensor(dc), torch.tensor(ql), ql)
     assert t == pytest.approx(mean_average_precision(qc, dc, ql, ql))
     m = cross_modal_map(qc, dc, ql)
+    assert m["i2t"] == pytest.approx(_brute_index(qc, dc, ql, ql), abs=1e-12)
+    assert m["t2i"] == pytest.approx(_brute_index(dc, qc, ql, ql), abs=1e-12)
     assert m["mean"] == pytest.approx((m["i2t"] + m["t2i"]) / 2)
     # identical codes in both modalities retrieve perfectly when classes have distinct codes
     codes = np.repeat(np.array([[1, 1, 1, 1], [-1, -1, -1, -1]]), 5, axis=0)
