@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,12 @@ def test_training_on_multilabel_data_with_two_workers(multilabel_dataset, ray_cl
     assert 0 < s["test_map"]["mean"] <= 1
     hist = s["history"]
     assert len(hist["valid_map_mean"]) == 3
+    # each method's two loss terms are logged under its own names
+    own, other = ("bsch", "cscc"), ("chl", "center")
+    if method == "rshnl":
+        own, other = other, own
+    assert all(len(hist[f"loss_{t}"]) == 3 for t in own)
+    assert not any(f"loss_{t}" in hist for t in other)
 
 
 def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
@@ -153,7 +160,7 @@ def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
     uri = str(tmp_path / "s" / "nus" / "v1")
     for method in ("scbch", "rshnl"):
         cfg = TrainConfig(
-            dataset=uri, method=method, bits=8, hidden_dim=16, epochs=3, warmup_epochs=1,
+            dataset=uri, method=method, bits=16, hidden_dim=16, epochs=3, warmup_epochs=1,
             batch_size=16, lr=1e-3, scbch_k=5, eval_top_k=10,
         )  # fmt: skip
         s = train_in_process(cfg)
@@ -184,3 +191,15 @@ def test_single_label_protocol_is_the_split_against_itself(tiny_dataset):
     assert test.pr_curves_of(both) == E.cross_modal_pr_curves(
         codes[id(q.image)], codes[id(q.text)], q.label
     )
+
+
+def test_in_process_refuses_an_unusable_model_like_the_ray_path(tmp_path):
+    """Non-finite losses from an infinite learning rate: the same checks as before registering."""
+    from pipeline.training.guards import TrainingError
+    from pipeline.training.inprocess import train_in_process
+
+    uri = write_synthetic(tmp_path, "syn", num_classes=3, counts={"train": 48, "valid": 12,
+                          "test": 12}, image_dim=6, text_dim=5, seed=0)  # fmt: skip
+    cfg = TrainConfig(dataset=uri, bits=8, hidden_dim=8, epochs=2, warmup_epochs=1, lr=math.inf)
+    with pytest.raises(TrainingError, match="unusable model: loss is nan at epoch 2"):
+        train_in_process(cfg)

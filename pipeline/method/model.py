@@ -1,6 +1,9 @@
-"""Hash heads and the class hash-center network (no Ray, no MLflow)."""
+"""Hash heads, the class hash-center network and RSHNL's model (no Ray, no MLflow); SCBCH's model
+is in :mod:`pipeline.method.scbch`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +94,11 @@ class FixedCenters(nn.Module):
         return self.centers
 
 
-class RSHNLModel(nn.Module):
-    """Both hash heads, the center network and the train-split feature normalisation.
+class HashModel(nn.Module):
+    """Both hash heads, the class centers and the train-split feature normalisation: what RSHNL
+    and SCBCH share. ``encode`` gives continuous codes; ``sign`` of them gives b^m (Eq 1)."""
 
-    ``method="scbch"``: un-normalised tanh codes, fixed (unused) centers and a linear multi-label
-    classifier per modality on the codes; ``forward`` then also returns the two classifier logits.
-    """
+    method = ""
 
     def __init__(
         self,
@@ -106,19 +108,13 @@ class RSHNLModel(nn.Module):
         bits: int,
         hidden: int = 4096,
         center_mode: str = "learned",
-        method: str = "rshnl",
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         if center_mode not in CENTER_MODES:
             raise ValueError(f"center_mode must be one of {CENTER_MODES}, got {center_mode!r}")
-        self.method = method
-        scbch = method == "scbch"
-        if scbch:
-            center_mode = "random"  # no center network to train; the buffer stays unused
-            self.image_cls = nn.Linear(bits, num_classes)
-            self.text_cls = nn.Linear(bits, num_classes)
-        self.image_head = HashHead(image_dim, bits, hidden, normalize=not scbch)
-        self.text_head = HashHead(text_dim, bits, hidden, normalize=not scbch)
+        self.image_head = HashHead(image_dim, bits, hidden, normalize=normalize)
+        self.text_head = HashHead(text_dim, bits, hidden, normalize=normalize)
         self.center_net: nn.Module = (
             CenterNet(num_classes, bits, hidden)
             if center_mode == "learned"
@@ -133,21 +129,47 @@ class RSHNLModel(nn.Module):
         getattr(self, f"{modality}_scale").copy_(scale)
 
     def encode(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """Continuous codes in [-1, 1]^L (L2-normalised); ``sign`` of them gives b^m (Eq 1)."""
+        """Continuous codes in [-1, 1]^L of features ``x`` of ``modality``."""
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         x = (x - getattr(self, f"{modality}_mean")) / getattr(self, f"{modality}_scale")
         head = self.image_head if modality == "image" else self.text_head
         return head(x)
 
+
+class RSHNLModel(HashModel):
+    """RSHNL: L2-normalised codes h^m (Eq 1) and the class-center network (Eq 4)."""
+
+    method = "rshnl"
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        num_classes: int,
+        bits: int,
+        hidden: int = 4096,
+        center_mode: str = "learned",
+        method: str = "rshnl",
+    ) -> None:
+        if method != self.method:
+            raise ValueError(f"RSHNLModel is method 'rshnl', got {method!r}")
+        super().__init__(image_dim, text_dim, num_classes, bits, hidden, center_mode)
+
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(h_image, h_text, centers), and for SCBCH also (image logits, text logits)."""
-        h_img, h_txt = self.encode(image, "image"), self.encode(text, "text")
-        if self.method == "scbch":
-            return h_img, h_txt, self.center_net(), self.image_cls(h_img), self.text_cls(h_txt)
-        return h_img, h_txt, self.center_net()
+        """(h_image, h_text, centers)."""
+        return self.encode(image, "image"), self.encode(text, "text"), self.center_net()
 
 
 def sign_codes(h: torch.Tensor) -> torch.Tensor:
     """b = sign(h) with sign(0) taken as +1, as int8 ±1."""
     return torch.where(h >= 0, 1, -1).to(torch.int8)
+
+
+def model_from_arch(arch: dict[str, Any]) -> HashModel:
+    """The model an architecture dict describes (``method`` picks RSHNL's or SCBCH's)."""
+    if arch.get("method", "rshnl") == "scbch":
+        from pipeline.method.scbch import SCBCHModel
+
+        return SCBCHModel(**arch)
+    return RSHNLModel(**arch)

@@ -1,4 +1,5 @@
-"""SCBCH losses: robust cross-modal hashing for noisy multi-label data (no Ray, no MLflow).
+"""SCBCH: robust cross-modal hashing for noisy multi-label data — its model and losses (no Ray,
+no MLflow).
 
 Two parts, in this project's precise formulation of a method described in words:
 
@@ -22,11 +23,49 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from pipeline.method.model import HashModel
 
 DEFAULT_ALPHA = 0.7
 DEFAULT_BETA = 0.3
 DEFAULT_K = 20
 DEFAULT_G = 0.5
+
+# per-epoch loss terms as logged: BSCH and the reliability-weighted classification (CSCC)
+TERM_NAMES = ("bsch", "cscc")
+
+
+class SCBCHModel(HashModel):
+    """Un-normalised tanh codes and a linear multi-label classifier per modality on the codes.
+
+    The center buffer is fixed and unused (SCBCH has no class centers); it keeps the model file
+    layout of :class:`~pipeline.method.model.RSHNLModel`.
+    """
+
+    method = "scbch"
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        num_classes: int,
+        bits: int,
+        hidden: int = 4096,
+        center_mode: str = "random",
+        method: str = "scbch",
+    ) -> None:
+        if method != self.method:
+            raise ValueError(f"SCBCHModel is method 'scbch', got {method!r}")
+        del center_mode  # in the architecture dict of every model file; SCBCH's is always fixed
+        super().__init__(image_dim, text_dim, num_classes, bits, hidden, "random", normalize=False)
+        self.image_cls = nn.Linear(bits, num_classes)
+        self.text_cls = nn.Linear(bits, num_classes)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(u_image, u_text, centers, image logits, text logits)."""
+        u_img, u_txt = self.encode(image, "image"), self.encode(text, "text")
+        return u_img, u_txt, self.center_net(), self.image_cls(u_img), self.text_cls(u_txt)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

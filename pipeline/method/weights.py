@@ -18,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from pipeline.method.model import RSHNLModel, sign_codes
+from pipeline.method.model import HashModel, model_from_arch, sign_codes
 
 WEIGHTS = "model.pt"
 
@@ -58,7 +58,7 @@ def safe_load(source: Path | str | IO[bytes] | bytes, what: str = "") -> Any:
 
 
 def save_model_file(
-    path: Path, model: RSHNLModel, arch: dict[str, Any], extra: dict[str, Any]
+    path: Path, model: HashModel, arch: dict[str, Any], extra: dict[str, Any]
 ) -> None:
     """Weights plus the architecture needed to rebuild the module (tensors and plain values)."""
     path = Path(path)
@@ -67,7 +67,7 @@ def save_model_file(
     os.replace(tmp, path)
 
 
-def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
+def load_model_file(path: Path | str) -> tuple[HashModel, dict[str, Any]]:
     """Rebuild the module from :func:`save_model_file` output, in eval mode on the CPU.
 
     Raises :class:`ModelFileError` for a file that is unreadable or holds anything but tensors
@@ -76,7 +76,7 @@ def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
     blob = safe_load(path)
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
         raise ModelFileError(f"{path}: not a model file (needs 'arch' and 'state_dict')")
-    model = RSHNLModel(**blob["arch"])
+    model = model_from_arch(blob["arch"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, blob
@@ -84,7 +84,7 @@ def load_model_file(path: Path | str) -> tuple[RSHNLModel, dict[str, Any]]:
 
 @torch.no_grad()
 def encode(
-    model: RSHNLModel,
+    model: HashModel,
     x: np.ndarray,
     modality: str,
     batch_size: int = 2048,

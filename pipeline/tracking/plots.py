@@ -1,7 +1,8 @@
 """PNG plots of a training run (matplotlib's non-interactive Agg canvas; no pyplot state).
 
-``history`` is a dict of per-epoch lists: ``epoch``, ``loss``, ``loss_chl``, ``loss_center``,
-``valid_map_i2t``, ``valid_map_t2i``, ``valid_map_mean``, ``zero_weight_share``,
+``history`` is a dict of per-epoch lists: ``epoch``, ``loss``, its two terms (``loss_chl`` and
+``loss_center``, or SCBCH's ``loss_bsch`` and ``loss_cscc``), ``valid_map_i2t``,
+``valid_map_t2i``, ``valid_map_mean``, ``zero_weight_share``,
 ``noise_precision``, ``noise_recall``; ``weight_hist_edges`` (bin edges over [0, 1]) and
 ``weight_hist_clean`` / ``weight_hist_noisy`` (one list of counts per epoch). ``pr_curves`` is
 ``{"i2t": curve, "t2i": curve}`` with curves from
@@ -88,15 +89,21 @@ def plot_valid_map(
     return _save(fig, path)
 
 
+LOSS_TERMS = {
+    "loss": "total",
+    "loss_chl": "contrastive (CHL)",
+    "loss_center": "center aggregation (CAL)",
+    "loss_bsch": "bidirectional soft contrastive (BSCH)",
+    "loss_cscc": "reliability-weighted classification (CSCC)",
+}
+
+
 def plot_losses(history: dict[str, Any], path: Path, *, warmup_epochs: int | None = None) -> Path:
-    """Total loss and its terms (contrastive CHL, center aggregation) per epoch."""
+    """Total loss and its terms per epoch (RSHNL: CHL and center aggregation; SCBCH: BSCH and
+    the reliability-weighted classification)."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
-    for key, label in (
-        ("loss", "total"),
-        ("loss_chl", "contrastive (CHL)"),
-        ("loss_center", "center aggregation (CAL)"),
-    ):
+    for key, label in LOSS_TERMS.items():
         if key in history:
             x, y = _epochs(history, key)
             ax.plot(x, y, marker="o", ms=3, label=label)
@@ -221,7 +228,7 @@ def write_run_plots(
     h = history or {}
     if "valid_map_i2t" in h or "valid_map_t2i" in h:
         jobs.append((VALID_MAP_PNG, lambda p: plot_valid_map(h, p, warmup_epochs=warmup_epochs)))
-    if any(k in h for k in ("loss", "loss_chl", "loss_center")):
+    if any(k in h for k in LOSS_TERMS):
         jobs.append((LOSSES_PNG, lambda p: plot_losses(h, p, warmup_epochs=warmup_epochs)))
     if all(k in h for k in ("weight_hist_edges", "weight_hist_clean", "weight_hist_noisy")):
         jobs.append((WEIGHTS_PNG, lambda p: plot_weight_density(h, p)))

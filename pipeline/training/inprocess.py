@@ -20,7 +20,7 @@ from feature_store import schema as S
 from feature_store.store import DatasetVersion, open_dataset
 from pipeline.config import TrainConfig
 from pipeline.method.losses import fit_loss_mixture
-from pipeline.method.model import RSHNLModel, fixed_centers
+from pipeline.method.model import HashModel, fixed_centers
 from pipeline.method.suspects import (
     DETECTION_KEYS,
     TrainReference,
@@ -57,7 +57,7 @@ class InMemoryRun:
     ds: DatasetVersion
     arrays: dict[str, np.ndarray]
     shard: MemoryShard
-    model: RSHNLModel
+    model: HashModel
     optimizer: torch.optim.Optimizer
 
 

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture, LossTerms, rshnl_objective
-from pipeline.method.model import RSHNLModel
+from pipeline.method.model import HashModel, model_from_arch
+from pipeline.method.scbch import TERM_NAMES as SCBCH_TERMS
 from pipeline.method.scbch import reliability_weights, scbch_objective
 
 
@@ -149,7 +150,8 @@ def _scbch_loss(
     epoch: int,
     weights: torch.Tensor | None,
 ) -> LossTerms:
-    """SCBCH's objective, reported in the RSHNL terms' slots (chl: BSCH, center: weighted BCE).
+    """SCBCH's objective in :class:`LossTerms` (``chl``: BSCH, ``center``: the weighted BCE; logged
+    under their own names, see :func:`loss_term_names`).
 
     Its contrastive term uses the local batch only (no cross-worker negatives).
     """
@@ -183,7 +185,7 @@ def _scbch_loss(
 
 @torch.no_grad()
 def train_set_reliability(
-    model: RSHNLModel,
+    model: HashModel,
     image: np.ndarray,
     text: np.ndarray,
     label: np.ndarray,
@@ -225,8 +227,15 @@ def train_set_reliability(
     )
 
 
-def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> RSHNLModel:
-    return RSHNLModel(**arch_of(cfg, dims, num_classes))
+def loss_term_names(cfg: TrainConfig) -> tuple[str, str]:
+    """Metric names of the objective's two parts: RSHNL's CHL and center term (L_p in warm-up,
+    L_S after), SCBCH's BSCH and reliability-weighted classification."""
+    first, second = SCBCH_TERMS if cfg.method == "scbch" else ("chl", "center")
+    return f"loss_{first}", f"loss_{second}"
+
+
+def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> HashModel:
+    return model_from_arch(arch_of(cfg, dims, num_classes))
 
 
 def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, Any]:

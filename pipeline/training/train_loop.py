@@ -22,7 +22,7 @@ import torch.distributed as dist
 from feature_store.store import open_dataset
 from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture, fit_loss_mixture
-from pipeline.method.model import RSHNLModel, fixed_centers
+from pipeline.method.model import HashModel, fixed_centers
 from pipeline.method.suspects import (
     DETECTION_KEYS,
     SUSPECTS_FILE,
@@ -50,6 +50,7 @@ from pipeline.training.step import (
     center_checksum,
     epoch_gamma,
     is_distributed,
+    loss_term_names,
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
@@ -78,7 +79,7 @@ def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
     return valid_map_mean + epoch * 1e-12
 
 
-def evaluate_split(model: RSHNLModel, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
+def evaluate_split(model: HashModel, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
@@ -217,7 +218,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
-    core: RSHNLModel = model.module if hasattr(model, "module") else model
+    core: HashModel = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     start_epoch, best_map, best_epoch, best_score = 0, -1.0, -1, -1.0
@@ -272,6 +273,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         mixture = LossMixture(*(tuple(history[f"mixture_{k}_{c}"][-1] for c in ("clean", "noisy"))
                                 for k in ("pi", "mean", "var")))  # fmt: skip
 
+    terms = loss_term_names(cfg)  # the two logged parts of the objective
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
     memory: MemoryShard | None = None
@@ -362,8 +364,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
             metrics.update(
                 {
                     "loss": sums[0].item() / n,
-                    "loss_chl": sums[1].item() / n,
-                    "loss_center": sums[2].item() / n,
+                    terms[0]: sums[1].item() / n,
+                    terms[1]: sums[2].item() / n,
                     "valid_map_i2t": vmap["i2t"],
                     "valid_map_t2i": vmap["t2i"],
                     "valid_map_mean": vmap["mean"],
@@ -389,8 +391,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             for key in (
                 "epoch",
                 "loss",
-                "loss_chl",
-                "loss_center",
+                *terms,
                 "valid_map_i2t",
                 "valid_map_t2i",
                 "valid_map_mean",
@@ -411,14 +412,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 counts, _ = np.histogram(weights[mask], bins=HIST_EDGES)
                 history[f"weight_hist_{name}"].append(counts.tolist())
             log.info(
-                "epoch %d/%d loss=%.4f chl=%.4f center=%.4f valid_map=%.4f (i2t %.4f t2i %.4f) "
+                "epoch %d/%d loss=%.4f %s=%.4f %s=%.4f valid_map=%.4f (i2t %.4f t2i %.4f) "
                 "best=%.4f@%d zero_w=%.3f noise_p/r=%.3f/%.3f auc=%.3f w_clean/noisy=%.3f/%.3f "
                 "train %.1fs (data %.2fs)",
                 epoch + 1,
                 cfg.epochs,
                 metrics["loss"],
-                metrics["loss_chl"],
-                metrics["loss_center"],
+                terms[0][5:],
+                metrics[terms[0]],
+                terms[1][5:],
+                metrics[terms[1]],
                 vmap["mean"],
                 vmap["i2t"],
                 vmap["t2i"],
