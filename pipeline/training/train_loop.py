@@ -255,14 +255,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
-    valid = ref = epoch_logger = None
+    valid = ref = None
     if rank == 0:
         valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
         ref = TrainReference.load(ds)  # measurement and report only: joined by id, not in the loss
-        if loop_config.get("run_id"):
-            from pipeline.tracking.runs import EpochLogger
-
-            epoch_logger = EpochLogger(loop_config["tracking_uri"], loop_config["run_id"])
 
     train_rows = None
     if cfg.method == "scbch":  # the reliability weights need the whole training set
@@ -436,14 +432,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 seconds[-1],
                 timer.t.get("data_wait", 0.0),
             )
-            t0 = time.perf_counter()
-            if epoch_logger is not None:
-                epoch_logger.log(
-                    {k: v for k, v in metrics.items() if k != "epoch"}
-                    | {f"time_{k}": v for k, v in timer.t.items()},
-                    epoch + 1,
-                )
-            timer.add("log", time.perf_counter() - t0)
+            # what the driver's callback logs to MLflow for this epoch (workers do not talk to it)
+            epoch_scalars = {k: v for k, v in metrics.items() if k != "epoch"} | {
+                f"time_{k}": v for k, v in timer.t.items()
+            }
             t0 = time.perf_counter()
             ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
             save_model_file(
@@ -460,6 +452,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "noise_detection": {k: float(det[k]) for k in DETECTION_KEYS},
                     "worker_nodes": nodes,
                     "mlflow_run_id": loop_config.get("run_id") or "",
+                    "epoch_scalars": epoch_scalars,
                     "global_negatives": global_negatives,
                 }
             )

@@ -490,6 +490,28 @@ def run_training(
     return summary
 
 
+def _epoch_metrics_callback(tracking_uri: str, run_id: str) -> Any:
+    """A Ray Train callback, run by the Train controller, that logs the scalars rank 0 reports
+    each epoch to the MLflow run (step = epoch), so the workers never talk to MLflow."""
+    import ray.train
+
+    class EpochMetrics(ray.train.UserCallback):
+        def __init__(self) -> None:
+            self._logger: Any = None
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+            scalars = metrics[0].get("epoch_scalars") if metrics else None
+            if not scalars:
+                return
+            if self._logger is None:
+                from pipeline.tracking.runs import EpochLogger
+
+                self._logger = EpochLogger(tracking_uri, run_id)
+            self._logger.log(scalars, int(metrics[0]["epoch"]))
+
+    return EpochMetrics()
+
+
 def _fit(
     cfg: TrainConfig,
     ds: Any,
@@ -506,6 +528,8 @@ def _fit(
 
     ensure_ray(cfg, ray_address)
     monitor = _run_monitor(run_name)
+    if run_id:
+        callbacks = [*callbacks, _epoch_metrics_callback(tracking_uri, run_id)]
     storage = _storage(cfg)
     trainer = TorchTrainer(
         train_func,
