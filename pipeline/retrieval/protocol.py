@@ -16,6 +16,21 @@ from feature_store.store import DatasetVersion
 log = logging.getLogger(__name__)
 
 
+def eval_splits(ds: DatasetVersion, stage: str = "test") -> tuple[str, str | None]:
+    """(query split, database split) of ``stage``; database None means the split against itself.
+
+    Single-label: ``stage`` against itself. Multi-label: ``query`` (for validation ``valid`` when
+    the data has one, else ``query`` with a warning) against ``database``.
+    """
+    if ds.label_kind == S.SINGLE:
+        return stage, None
+    if stage == "valid" and "valid" in ds.splits:
+        return "valid", "database"
+    if stage == "valid":
+        log.warning("%s has no validation split: model selection uses the query split", ds.uri)
+    return "query", "database"
+
+
 @dataclass
 class EvalSplit:
     """Features and labels of an evaluation split, held in memory on the evaluating process."""
@@ -45,14 +60,13 @@ class EvalProtocol:
 
     @classmethod
     def load(cls, ds: DatasetVersion, stage: str, top_k: int = 0) -> EvalProtocol:
-        if ds.label_kind == S.SINGLE:
-            return cls(EvalSplit.load(ds, stage), None, top_k or None)
-        name = "query"
-        if stage == "valid" and "valid" in ds.splits:
-            name = "valid"
-        elif stage == "valid":
-            log.warning("%s has no validation split: model selection uses the query split", ds.uri)
-        return cls(EvalSplit.load(ds, name), EvalSplit.load(ds, "database"), top_k or None)
+        """The protocol of ``stage`` (``"valid"`` or ``"test"``), its splits read into memory."""
+        query, database = eval_splits(ds, stage)
+        return cls(
+            EvalSplit.load(ds, query),
+            None if database is None else EvalSplit.load(ds, database),
+            top_k or None,
+        )
 
     def encode(self, encode_fn: Callable[[np.ndarray, str], np.ndarray]) -> tuple[Any, Any]:
         """(query, database) as (image codes, text codes, labels), each split encoded once.
