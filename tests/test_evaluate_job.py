@@ -12,8 +12,9 @@ from test_serving import register_small_model, shared_tracking_uri
 
 from feature_store import schema as S
 from feature_store.store import open_dataset
-from jobs.evaluate import main, random_case, straightforward_map
+from jobs.evaluate import main
 from pipeline.retrieval import metrics as evaluate
+from pipeline.retrieval.bench import random_case, straightforward_map
 from pipeline.tracking import plots
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.evaluate import straightforward_map
 from pipeline.retrieval import metrics as E
+from pipeline.retrieval.bench import straightforward_map
 
 
 def _codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
@@ -261,7 +261,7 @@ def test_speed_against_the_straightforward_way():
     """8000 × 8000 at 128 bits: tie-aware MAP fast and ≥ 40× faster than cdist+argsort+loop."""
     import time
 
-    from jobs.evaluate import random_case, straightforward_map
+    from pipeline.retrieval.bench import random_case, straightforward_map
 
     qc, dc, ql, dl = random_case(8000, 8000, 128, 10, "single", 0)
     E.mean_average_precision(qc[:10], dc[:10], ql[:10], dl[:10], ties="expected")

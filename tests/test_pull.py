@@ -17,8 +17,9 @@ from test_serving import register_small_model, shared_tracking_uri
 from feature_store import schema as S
 from feature_store.store import open_dataset
 from jobs._cli import run_main
-from jobs.pull import PullError, main, model_uri
+from jobs.pull import main
 from pipeline.retrieval import metrics as evaluate
+from pipeline.tracking.pull import PullError, model_uri
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "pull-small"

@@ -1,3 +1,3 @@
-"""Retrieval: MAP, MAP@k and PR curves by Hamming ranking, the packed-code index, and the
-evaluation protocol (which splits are queries and which the database). Imports neither Ray nor
-MLflow."""
+"""Retrieval: MAP, MAP@k and PR curves by Hamming ranking, the packed-code index, the evaluation
+protocol (which splits are queries and which the database), top-k search with a model's codes, and
+the metrics' benchmark. Imports neither Ray nor MLflow."""
