@@ -12,111 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from typing import Any
 
 from jobs._cli import EXIT_FAILED, EXIT_OK, run_main, setup_logging, write_json_atomic
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.experiments.benchmark import format_table, plain_benchmark, scaling
 from pipeline.method.variants import DESCRIPTIONS
 
 log = logging.getLogger("jobs.benchmark")
-
-PHASES = ("data_wait", "step", "gather", "eval", "log", "checkpoint", "report")
-
-
-def plain_loop_seconds(
-    cfg: TrainConfig, epochs: int, threads: int, device: str = "cpu"
-) -> list[float]:
-    """Seconds per epoch of the training epoch the Ray workers run, in one process, no eval."""
-    import torch
-
-    from pipeline.training.epoch import train_epoch
-    from pipeline.training.inprocess import prepare_in_memory
-
-    torch.set_num_threads(threads)
-    run = prepare_in_memory(cfg, device)
-    out = []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        res = train_epoch(
-            run.model,
-            run.optimizer,
-            run.shard.batches(run.cfg.batch_size, run.cfg.seed, epoch),
-            run.cfg,
-            epoch,
-        )
-        out.append(time.perf_counter() - t0)
-        log.info(
-            "plain loop epoch %d/%d %.3fs loss %.4f (%s%s)",
-            epoch + 1,
-            epochs,
-            out[-1],
-            res.loss,
-            device,
-            ", bf16" if cfg.bf16 else "",
-        )
-    return out
-
-
-def _steady(values: list[float]) -> float:
-    """Mean over epochs after the first (which pays one-off start-up costs)."""
-    tail = values[1:] or values
-    return sum(tail) / len(tail)
-
-
-def scaling(cfg: TrainConfig, worker_counts: list[int], threads: int) -> dict[str, Any]:
-    from feature_store.store import open_dataset
-    from pipeline.training.trainer import run_training
-
-    n_train = open_dataset(cfg.dataset).manifest["counts"]["train"]
-    rows: list[dict[str, Any]] = []
-    plain = plain_loop_seconds(cfg, cfg.epochs, threads)
-    steady = _steady(plain)
-    rows.append({"mode": "plain", "workers": 1, "train_s": steady, "wall_s": steady})
-    for w in worker_counts:
-        run_cfg = cfg.replace(
-            workers=w,
-            cpus_per_worker=max(threads / w, 0.5) if w > 1 else float(threads),
-            register_model=False,
-            run_name="",
-        )
-        s = run_training(run_cfg)
-        t = s["epoch_timings"]
-        row: dict[str, Any] = {"mode": "ray", "workers": w}
-        for p in PHASES:
-            row[p] = _steady([e.get(p, 0.0) for e in t])
-        row["train_s"] = row["data_wait"] + row["step"]
-        row["wall_s"] = _steady([e.get("wall", 0.0) for e in t])
-        rows.append(row)
-    for r in rows:
-        r["samples_per_s"] = n_train / r["train_s"]
-        r["outside_step_s"] = r["wall_s"] - (r.get("step", r["train_s"]))
-    base = rows[0]
-    one = next((r for r in rows if r["mode"] == "ray" and r["workers"] == 1), None)
-    ratios = {}
-    if one is not None:
-        ratios = {
-            "ray1_train_over_plain": one["train_s"] / base["train_s"],
-            "ray1_wall_over_plain": one["wall_s"] / base["train_s"],
-        }
-    return {"rows": rows, "ratios": ratios, "train_items": n_train, "epochs": cfg.epochs}
-
-
-def format_table(result: dict[str, Any]) -> str:
-    head = ["mode", "workers", "samples/s", "train s/ep", "wall s/ep", *PHASES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        cells = [
-            r["mode"],
-            str(r["workers"]),
-            f"{r['samples_per_s']:.0f}",
-            f"{r['train_s']:.2f}",
-            f"{r['wall_s']:.2f}",
-        ] + [f"{r[p]:.2f}" if p in r else "-" for p in PHASES]
-        lines.append("| " + " | ".join(cells) + " |")
-    for k, v in result["ratios"].items():
-        lines.append(f"{k}: {v:.3f}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +88,7 @@ def _csv(text: str, kind: type) -> list:
 
 
 def grid(args: argparse.Namespace) -> int:
+    """The grid subcommand: its flags as a GridSpec, run by ``pipeline.experiments.grid``."""
     from pipeline.experiments.grid import GridSpec, run_grid
 
     cfg = TrainConfig.load(
@@ -239,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     if args.command == "plain":
-        result = {}
-        for bf16 in (False, True):
-            secs = plain_loop_seconds(cfg.replace(bf16=bf16), cfg.epochs, args.threads, args.device)
-            result["bf16" if bf16 else "fp32"] = {"epoch_seconds": secs, "steady_s": _steady(secs)}
-        result["bf16_speedup"] = result["fp32"]["steady_s"] / result["bf16"]["steady_s"]
+        result = plain_benchmark(cfg, args.threads, args.device)
         log.info("plain loop on %s: %s", args.device, result)
         if args.summary_json:
             write_json_atomic(args.summary_json, result)

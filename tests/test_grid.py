@@ -151,7 +151,7 @@ def test_fingerprints_recorded_before_a_new_key_still_match():
 
 
 def test_plain_loop_benchmark_times_every_epoch(tiny_clean):
-    from jobs.benchmark import plain_loop_seconds
+    from pipeline.experiments.benchmark import plain_loop_seconds
 
     cfg = TrainConfig(dataset=tiny_clean, bits=16, hidden_dim=32, batch_size=64)
     secs = plain_loop_seconds(cfg.replace(weighting="small_loss"), epochs=2, threads=1)

@@ -1,2 +1,2 @@
-"""Experiments built on the trainer: method × noise × bits × seed grids, Ray Tune sweeps, and
-cleaned dataset versions from a run's suspect-label report."""
+"""Experiments built on the trainer: method × noise × bits × seed grids, Ray Tune sweeps, cleaned
+dataset versions from a run's suspect-label report, and benchmarks of the training path."""
