@@ -40,6 +40,21 @@ def difficulty_params(difficulty: float) -> tuple[float, float]:
     return 1.6 * (1.0 - difficulty), 3.0 * difficulty
 
 
+def split_counts(
+    label_kind: str, *, train: int, valid: int, test: int, query: int, database: int
+) -> dict[str, int]:
+    """Split sizes of a ``label_kind`` set: train/valid/test, or train/[valid/]query/database
+    (multi-label sets have a validation split only when ``valid`` > 0)."""
+    if label_kind == S.SINGLE:
+        return {"train": train, "valid": valid, "test": test}
+    return {
+        "train": train,
+        **({"valid": valid} if valid > 0 else {}),
+        "query": query,
+        "database": database,
+    }
+
+
 def _labels(
     seed: int, split_no: int, n: int, k: int, label_kind: str, max_labels: int
 ) -> np.ndarray:

@@ -16,18 +16,10 @@ import threading
 from typing import Any
 
 from feature_store import schema as S
-from feature_store.errors import FeatureStoreError
-from feature_store.noise import NOISE_MODES, parse_flip_map
+from feature_store.ingest import import_version, noisy_copy
+from feature_store.noise import NOISE_MODES
 from feature_store.plan import ImportPlan
-from feature_store.store import (
-    DEFAULT_GC_HOURS,
-    check_target,
-    collect_garbage,
-    open_dataset,
-    scan_store,
-    write_noisy_copy,
-    write_version,
-)
+from feature_store.store import DEFAULT_GC_HOURS, collect_garbage, open_dataset, scan_store
 from jobs._cli import EXIT_OK, run_main, setup_logging
 
 log = logging.getLogger("jobs.ingest")
@@ -310,37 +302,44 @@ def _plan(args: argparse.Namespace) -> ImportPlan:
             args.input, valid_from_query=args.valid_from_query, num_classes=args.num_classes
         )
     if cmd == "plain":
-        from feature_store.plain import plan_plain
+        return _plain_plan(args)
+    return _synthetic_plan(args)
 
-        return plan_plain(
-            args.input,
-            image_col=args.image_col,
-            text_col=args.text_col,
-            label_col=args.label_col,
-            id_col=args.id_col,
-            split_col=args.split_col,
-            label_kind=args.label_kind,
-            label_format=args.label_format,
-            num_classes=args.num_classes,
-            label_base=args.label_base,
-            valid_from_test=args.valid_from_test,
-            valid_from_query=args.valid_from_query,
-        )
-    from feature_store.synthetic import generate_plan
 
-    counts = (
-        {"train": args.train, "valid": args.valid, "test": args.test}
-        if args.label_kind == S.SINGLE
-        else {
-            "train": args.train,
-            **({"valid": args.valid} if args.valid > 0 else {}),
-            "query": args.query,
-            "database": args.database,
-        }
+def _plain_plan(args: argparse.Namespace) -> ImportPlan:
+    """The ``plain`` importer's plan: files mapped by column name."""
+    from feature_store.plain import plan_plain
+
+    return plan_plain(
+        args.input,
+        image_col=args.image_col,
+        text_col=args.text_col,
+        label_col=args.label_col,
+        id_col=args.id_col,
+        split_col=args.split_col,
+        label_kind=args.label_kind,
+        label_format=args.label_format,
+        num_classes=args.num_classes,
+        label_base=args.label_base,
+        valid_from_test=args.valid_from_test,
+        valid_from_query=args.valid_from_query,
     )
+
+
+def _synthetic_plan(args: argparse.Namespace) -> ImportPlan:
+    """The generated dataset's plan."""
+    from feature_store.synthetic import generate_plan, split_counts
+
     return generate_plan(
         num_classes=args.num_classes,
-        counts=counts,
+        counts=split_counts(
+            args.label_kind,
+            train=args.train,
+            valid=args.valid,
+            test=args.test,
+            query=args.query,
+            database=args.database,
+        ),
         image_dim=args.image_dim,
         text_dim=args.text_dim,
         class_sep=args.class_sep,
@@ -389,87 +388,92 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.command == "show":
-        ds = open_dataset(args.uri)
-        print(json.dumps(ds.manifest, indent=2, sort_keys=True))
-        return EXIT_OK
-    if args.command == "list":
-        scan = scan_store(args.store, args.name)
-        if not scan.versions:
-            log.info("no versions in %s", args.store)
-        _print_versions(scan.versions, args.json)
-        for u in scan.unreadable:
-            log.warning("unreadable version %s: %s", u["uri"], u["reason"])
-        for st in scan.stale:
-            log.warning(
-                "unfinished write %s (%s, %d bytes, idle %.1f h); `python -m jobs.ingest gc` "
-                "removes it once idle for longer than the grace period",
-                st["uri"],
-                st["kind"],
-                st["bytes"],
-                st["age_hours"] or 0.0,
-            )
-        return EXIT_OK
-    if args.command == "gc":
-        removed = collect_garbage(
-            args.store, older_than_hours=args.older_than, dry_run=args.dry_run, name=args.name
-        )
-        total = sum(r["bytes"] for r in removed)
-        verb = "would remove" if args.dry_run else "removed"
-        log.info("%s %d unfinished write(s), %d bytes", verb, len(removed), total)
-        return EXIT_OK
-    if args.command == "clean":
-        from pipeline.experiments.cleaning import clean_from_run
+    commands = {"show": _show, "list": _list, "gc": _gc, "clean": _clean, "noise": _noise}
+    return commands.get(args.command, _import)(args)
 
-        print(
-            clean_from_run(
-                args.uri,
-                args.from_run,
-                mode="drop" if args.drop else "relabel",
-                top=args.top,
-                share=args.share,
-                tracking_uri=args.tracking_uri,
-                name=args.name,
-                version=args.version,
-            )
+
+def _show(args: argparse.Namespace) -> int:
+    ds = open_dataset(args.uri)
+    print(json.dumps(ds.manifest, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    scan = scan_store(args.store, args.name)
+    if not scan.versions:
+        log.info("no versions in %s", args.store)
+    _print_versions(scan.versions, args.json)
+    for u in scan.unreadable:
+        log.warning("unreadable version %s: %s", u["uri"], u["reason"])
+    for st in scan.stale:
+        log.warning(
+            "unfinished write %s (%s, %d bytes, idle %.1f h); `python -m jobs.ingest gc` "
+            "removes it once idle for longer than the grace period",
+            st["uri"],
+            st["kind"],
+            st["bytes"],
+            st["age_hours"] or 0.0,
         )
-        return EXIT_OK
-    if args.command == "noise":
-        uri = write_noisy_copy(
+    return EXIT_OK
+
+
+def _gc(args: argparse.Namespace) -> int:
+    removed = collect_garbage(
+        args.store, older_than_hours=args.older_than, dry_run=args.dry_run, name=args.name
+    )
+    total = sum(r["bytes"] for r in removed)
+    verb = "would remove" if args.dry_run else "removed"
+    log.info("%s %d unfinished write(s), %d bytes", verb, len(removed), total)
+    return EXIT_OK
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from pipeline.experiments.cleaning import clean_from_run
+
+    print(
+        clean_from_run(
             args.uri,
-            mode=args.noise_mode,
-            rate=args.noise_rate,
-            seed=args.noise_seed,
-            flip_map=_flip_map(args, None),
+            args.from_run,
+            mode="drop" if args.drop else "relabel",
+            top=args.top,
+            share=args.share,
+            tracking_uri=args.tracking_uri,
             name=args.name,
             version=args.version,
         )
-        print(uri)
-        return EXIT_OK
-    if args.row_group_rows is not None and args.row_group_rows < 1:
-        raise FeatureStoreError("--row-group-rows must be >= 1")
-    check_target(args.store, args.name, args.version)  # refuse a bad target before reading input
-    plan = _plan(args)
-    noise = plan.apply_noise(
-        args.noise_mode,
-        args.noise_rate,
-        args.noise_seed,
-        flip_map=_flip_map(args, plan.num_classes),
     )
-    uri = write_version(
-        args.store, args.name, plan, version=args.version, rows_per_group=args.row_group_rows
+    return EXIT_OK
+
+
+def _noise(args: argparse.Namespace) -> int:
+    uri = noisy_copy(
+        args.uri,
+        mode=args.noise_mode,
+        rate=args.noise_rate,
+        seed=args.noise_seed,
+        flip_map=args.flip_map,
+        name=args.name,
+        version=args.version,
     )
-    log.info("noise: %s", noise)
     print(uri)
     return EXIT_OK
 
 
-def _flip_map(args: argparse.Namespace, num_classes: int | None) -> dict[int, int] | None:
-    if args.flip_map is None:
-        return None
-    if num_classes is None:  # a noisy copy: the base knows K
-        num_classes = open_dataset(args.uri, verify=False).num_classes
-    return parse_flip_map(args.flip_map, num_classes)
+def _import(args: argparse.Namespace) -> int:
+    uri, noise = import_version(
+        args.store,
+        args.name,
+        lambda: _plan(args),
+        version=args.version,
+        rows_per_group=args.row_group_rows,
+        noise_mode=args.noise_mode,
+        noise_rate=args.noise_rate,
+        noise_seed=args.noise_seed,
+        flip_map=args.flip_map,
+    )
+    log.info("noise: %s", noise)
+    print(uri)
+    return EXIT_OK
 
 
 if __name__ == "__main__":
