@@ -98,7 +98,7 @@ def test_grid_runs_cells_and_skips_them_when_run_again(tiny_clean, ray_cluster, 
     assert [c.name for c in cells] == ["RSHNL-n0.40-b16-s0.json", "small-loss-n0.40-b16-s0.json"]
     rec = json.loads(cells[1].read_text())
     assert rec["fingerprint"]["weighting"] == "small_loss" and rec["epochs_run"] == 2
-    assert 0 <= rec["test_map"]["i2t"] <= 1 and rec["seconds_per_epoch"] > 0
+    assert rec["seconds_per_epoch"] > 0
     assert not (tmp_path / "runs" / f"{out['grid']}-RSHNL-n0.40-b16-s0").exists()
 
     import mlflow
@@ -109,6 +109,13 @@ def test_grid_runs_cells_and_skips_them_when_run_again(tiny_clean, ray_cluster, 
         f"tags.mlflow.parentRunId = '{out['parent_run_id']}'",
     )
     assert len(children) == 2
+    # each cell records the test MAP its training run logged, and the table shows it
+    for path in cells:
+        cell = json.loads(path.read_text())
+        logged = client.get_run(cell["mlflow_run_id"]).data.metrics
+        for k in ("i2t", "t2i", "mean"):
+            assert cell["test_map"][k] == pytest.approx(logged[f"final/test_map_{k}"], abs=1e-9)
+        assert f"{cell['test_map']['i2t']:.4f}" in out["table_markdown"]
 
     again = run_grid(GridSpec(**{**spec.__dict__, "base": base}))
     assert again["cells_run_now"] == 0 and again["cells_done"] == 2
@@ -117,9 +124,20 @@ def test_grid_runs_cells_and_skips_them_when_run_again(tiny_clean, ray_cluster, 
         run_grid(GridSpec(**{**spec.__dict__, "base": base.replace(epochs=3)}))
 
 
-def test_inprocess_grid_runs_without_ray_and_logs_cells(tiny_clean, tmp_path):
+def test_inprocess_grid_runs_without_ray_and_logs_cells(tiny_clean, tmp_path, monkeypatch):
     import sys
 
+    import mlflow
+
+    from pipeline.experiments.grid import cell_config
+    from pipeline.training.inprocess import train_in_process
+
+    # as if Ray were not installed: importing ray or any ray.* module raises ImportError, even
+    # when another test of the session has imported it already
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")] + ["ray"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError):
+        import ray  # noqa: F401
     base = TrainConfig(
         dataset=tiny_clean, bits=16, hidden_dim=32, epochs=2, warmup_epochs=1, batch_size=64,
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="grid-inprocess",
@@ -128,13 +146,21 @@ def test_inprocess_grid_runs_without_ray_and_logs_cells(tiny_clean, tmp_path):
         base=base, methods=["RSHNL-S", "plain"], noise_rates=[0.4], bits=[16], seeds=[0, 1],
         out=str(tmp_path / "grid"), executor="inprocess",
     )  # fmt: skip
-    ray_loaded = "ray" in sys.modules
     out = run_grid(spec)
     assert out["complete"] and out["cells_run_now"] == 4 and not out["failed"]
-    assert ray_loaded or "ray" not in sys.modules
     rows = list(csv.DictReader((tmp_path / "grid" / "cells.csv").open()))
     assert {r["executor"] for r in rows} == {"inprocess:cpu"} and len(rows) == 4
-    assert all(r["mlflow_run_id"] for r in rows)
+    client = mlflow.tracking.MlflowClient(base.tracking_uri)
+    for r in rows:
+        logged = client.get_run(r["mlflow_run_id"]).data.metrics
+        assert float(r["test_map_mean"]) == pytest.approx(logged["test_map_mean"], abs=1e-6)
+    # a cell is the training of its method's config: run one again, outside the grid
+    cell = next(c for c in spec.cells() if (c.method, c.seed) == ("RSHNL-S", 1))
+    noisy = noisy_datasets(tiny_clean, [0.4], seed=spec.noise_seed)[0.4]
+    again = train_in_process(cell_config(spec, cell, noisy, out["grid"]))
+    rec = json.loads((tmp_path / "grid" / "cells" / f"{cell.id}.json").read_text())
+    assert rec["fingerprint"]["weighting"] == "hard"
+    assert rec["test_map"] == pytest.approx(again["test_map"], abs=1e-9)
     assert "±" in out["table_markdown"]  # two seeds: mean ± std
     with pytest.raises(ConfigError, match="always logs"):
         GridSpec(**{**spec.__dict__, "executor": "ray", "tracking": False}).validate()
