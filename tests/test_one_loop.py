@@ -42,4 +42,8 @@ def test_ray_worker_and_in_process_train_identically(method, ray_cluster, tiny_d
     np.testing.assert_allclose(ray_run["loss"], local["loss"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(ray_run["valid_map_mean"], local["valid_map_mean"], atol=1e-5)
     np.testing.assert_allclose(ray_run["noise_auc"], local["noise_auc"], atol=1e-5)
+    # one per-epoch record: the same history keys, and every per-epoch series agrees
+    assert set(ray_run) == set(local)
+    for key, series in ray_run.items():
+        np.testing.assert_allclose(series, local[key], atol=1e-5, err_msg=key)
     assert len(set(np.round(local["loss"], 6))) == 4  # the epochs differ: the loss is not constant

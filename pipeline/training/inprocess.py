@@ -24,7 +24,6 @@ from pipeline.method.model import HashModel, fixed_centers
 from pipeline.method.suspects import (
     DETECTION_KEYS,
     TrainReference,
-    epoch_detection,
     suspect_report,
 )
 from pipeline.retrieval.protocol import EvalProtocol
@@ -32,6 +31,7 @@ from pipeline.training.data import feature_normalisation
 from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
 from pipeline.training.final_eval import final_evaluation
 from pipeline.training.guards import TrainingError
+from pipeline.training.record import RunRecord
 from pipeline.training.step import (
     build_model,
     epoch_gamma,
@@ -39,12 +39,7 @@ from pipeline.training.step import (
     seed_everything,
     train_set_reliability,
 )
-from pipeline.training.train_loop import (
-    checkpoint_score,
-    detection_threshold,
-    evaluate_split,
-    resolve_keep_rate,
-)
+from pipeline.training.train_loop import resolve_keep_rate
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +92,19 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     run = prepare_in_memory(cfg, device)
     cfg, ds, a, model, opt = run.cfg, run.ds, run.arrays, run.model, run.optimizer
     dev = torch.device(device)
-    valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
-    ref = TrainReference.load(ds)  # measurement and report only; not in the loss
-    best_score, best_state, best_valid, best_epoch = -1.0, None, {}, 0
+    record = RunRecord(
+        cfg, EvalProtocol.load(ds, "valid", cfg.eval_top_k), TrainReference.load(ds)
+    )  # validation, detection (joined by id, not in the loss) and the history
+    best_state = None
     train_s, eval_s = [], []
-    mixture, history, det, result = None, {}, {}, None
+    mixture, result = None, None
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         pair_weights = None
         if cfg.method == "scbch" and epoch >= cfg.warmup_epochs:
             w_rows = train_set_reliability(model, a[S.IMAGE], a[S.TEXT], a[S.LABEL], cfg, dev)
             pair_weights = PairWeights.of(a[S.ITEM_ID], w_rows)
-        mixture_used = mixture
+        gamma = epoch_gamma(cfg, mixture)
         result = train_epoch(
             model,
             opt,
@@ -122,37 +118,17 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
             mixture = fit_loss_mixture(result.ell)  # used by the next epoch
         train_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        vmap = evaluate_split(model, valid, cfg.eval_batch_size)
+        _, improved = record.record(
+            model, epoch, result, gamma=gamma, mixture=mixture, seconds=train_s[-1]
+        )
         eval_s.append(time.perf_counter() - t0)
-        det, _ = epoch_detection(
-            ref, result.item_id, result.weight, result.ell, detection_threshold(cfg)
-        )
-        history.setdefault("loss", []).append(result.loss)
-        history.setdefault("valid_map_mean", []).append(vmap["mean"])
-        history.setdefault("gamma", []).append(epoch_gamma(cfg, mixture_used))
-        for k in DETECTION_KEYS:
-            history.setdefault(f"noise_{k}", []).append(det[k])
-        score = checkpoint_score(vmap["mean"], epoch + 1)
-        if score > best_score:
-            best_score, best_valid, best_epoch = score, vmap, epoch + 1
+        if improved:
             best_state = copy.deepcopy(model.state_dict())
-        log.info(
-            "epoch %d/%d loss=%.4f valid_map=%.4f best=%.4f@%d auc=%.3f w_clean/noisy=%.3f/%.3f "
-            "zero_w=%.3f train %.3fs",
-            epoch + 1,
-            cfg.epochs,
-            result.loss,
-            vmap["mean"],
-            best_valid["mean"],
-            best_epoch,
-            det["auc"],
-            det["clean_mean_weight"],
-            det["noisy_mean_weight"],
-            det["zero_weight_share"],
-            train_s[-1],
-        )
     assert best_state is not None and result is not None
-    suspects = suspect_report(ref, result.item_id, result.ell, result.weight, result.predicted)
+    suspects = suspect_report(
+        record.ref, result.item_id, result.ell, result.weight, result.predicted
+    )
+    history, det = record.history, record.detection
     model.load_state_dict(best_state)
     final = final_evaluation(model, ds, cfg, history)
     if final.problems:
@@ -163,8 +139,8 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     steady = train_s[1:] or train_s
     return {
         "test_map": test_map,
-        "best_valid_map": best_valid,
-        "best_epoch": best_epoch,
+        "best_valid_map": record.best_valid_map,
+        "best_epoch": record.best_epoch,
         "epochs_run": cfg.epochs,
         "seconds_per_epoch": float(np.mean(steady)),
         "valid_eval_seconds_per_epoch": float(np.mean(eval_s)),

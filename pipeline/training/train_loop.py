@@ -6,6 +6,7 @@ checked outside Ray against a single-process run on the concatenated batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ from pipeline.method.suspects import (
     DETECTION_KEYS,
     SUSPECTS_FILE,
     TrainReference,
-    epoch_detection,
     summary_of,
     suspect_report,
     write_report,
@@ -35,7 +35,6 @@ from pipeline.method.suspects import (
 from pipeline.method.weights import (
     WEIGHTS,
     ModelFileError,
-    encode,
     plain,
     safe_load,
     save_model_file,
@@ -43,6 +42,7 @@ from pipeline.method.weights import (
 from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.training.data import local_shuffle_seed
 from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
+from pipeline.training.record import RunRecord, empty_history
 from pipeline.training.step import (
     arch_of,
     assert_centers_synced,
@@ -50,7 +50,6 @@ from pipeline.training.step import (
     center_checksum,
     epoch_gamma,
     is_distributed,
-    loss_term_names,
     needs_loss_mixture,
     seed_everything,
     train_set_reliability,
@@ -59,8 +58,6 @@ from pipeline.training.step import (
 log = logging.getLogger("pipeline.train")
 
 STATE = "train_state.pt"
-SCORE = "checkpoint_score"  # validation MAP (mean), ties broken towards the later epoch
-HIST_EDGES = np.linspace(0.0, 1.0, 21)
 _BATCH_DTYPES = {
     "item_id": torch.int64,
     "image": torch.float32,
@@ -74,28 +71,6 @@ def resolve_keep_rate(manifest: dict[str, Any]) -> float:
     return max(0.05, 1.0 - float(manifest.get("noise", {}).get("rate") or 0.0))
 
 
-def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
-    """Strictly ordered score so that the best checkpoint is unambiguous under equal MAPs."""
-    return valid_map_mean + epoch * 1e-12
-
-
-def evaluate_split(model: HashModel, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    try:
-        return protocol.evaluate(lambda x, m: encode(model, x, m, batch_size))
-    finally:
-        model.train(was_training)
-
-
-def detection_threshold(cfg: TrainConfig) -> float:
-    """Weights at or below this flag a pair as noisy: 0 for SPL; cos ≤ ½ for SCBCH's weights;
-    P(clean | ℓ) ≤ ½ for the mixture weights."""
-    if cfg.method == "scbch":
-        return cfg.scbch_g + (1.0 - cfg.scbch_g) * 0.5
-    return 0.5 if cfg.weighting == "mixture" else 0.0
-
-
 class _Timer:
     """Accumulates wall time per phase of an epoch."""
 
@@ -104,14 +79,6 @@ class _Timer:
 
     def add(self, key: str, seconds: float) -> None:
         self.t[key] = self.t.get(key, 0.0) + seconds
-
-
-def _empty_history() -> dict[str, Any]:
-    return {
-        "weight_hist_edges": HIST_EDGES.tolist(),
-        "weight_hist_clean": [],
-        "weight_hist_noisy": [],
-    }
 
 
 def rng_states() -> dict[str, Any]:
@@ -221,8 +188,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     core: HashModel = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    start_epoch, best_map, best_epoch, best_score = 0, -1.0, -1, -1.0
-    history = _empty_history()
+    start_epoch, best_map, best_epoch = 0, -1.0, -1
+    history = empty_history()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -232,7 +199,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         best_map, best_epoch = state["best_valid_map"], state["best_epoch"]
-        best_score = checkpoint_score(best_map, best_epoch)
         history = state["history"] or history
         restore_rng_states(state)
         log.info(
@@ -255,10 +221,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
-    valid = ref = None
-    if rank == 0:
-        valid = EvalProtocol.load(ds, "valid", cfg.eval_top_k)
-        ref = TrainReference.load(ds)  # measurement and report only: joined by id, not in the loss
+    record = None
+    if rank == 0:  # validation, detection (joined by id, not in the loss) and the history
+        record = RunRecord(
+            cfg,
+            EvalProtocol.load(ds, "valid", cfg.eval_top_k),
+            TrainReference.load(ds),
+            history,
+            best_map,
+            best_epoch,
+        )
 
     train_rows = None
     if cfg.method == "scbch":  # the reliability weights need the whole training set
@@ -269,7 +241,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
         mixture = LossMixture(*(tuple(history[f"mixture_{k}_{c}"][-1] for c in ("clean", "noisy"))
                                 for k in ("pi", "mean", "var")))  # fmt: skip
 
-    terms = loss_term_names(cfg)  # the two logged parts of the objective
     shard = ray.train.get_dataset_shard("train")
     local_bs = max(1, cfg.batch_size // world)
     memory: MemoryShard | None = None
@@ -350,88 +321,22 @@ def train_func(loop_config: dict[str, Any]) -> None:
         ckpt_dir = None
         if rank == 0:
             t0 = time.perf_counter()
-            vmap = evaluate_split(core, valid, cfg.eval_batch_size)
-            det, noisy_of_batch = epoch_detection(ref, ids, weights, ell, detection_threshold(cfg))
-            timer.add("eval", time.perf_counter() - t0)
-            score = checkpoint_score(vmap["mean"], epoch + 1)
-            if score > best_score:
-                best_score, best_map, best_epoch = score, vmap["mean"], epoch + 1
             n = max(sums[3].item(), 1.0)
-            metrics.update(
-                {
-                    "loss": sums[0].item() / n,
-                    terms[0]: sums[1].item() / n,
-                    terms[1]: sums[2].item() / n,
-                    "valid_map_i2t": vmap["i2t"],
-                    "valid_map_t2i": vmap["t2i"],
-                    "valid_map_mean": vmap["mean"],
-                    **{f"valid_map_{k}": v for k, v in vmap.items() if k.endswith("_at_k")},
-                    SCORE: score,
-                    "best_valid_map_mean": best_map,
-                    "best_epoch": best_epoch,
-                    "zero_weight_share": float(np.mean(weights <= 0)) if weights.size else 0.0,
-                    "mean_weight": float(np.mean(weights)) if weights.size else 0.0,
-                    "noise_precision": float(det["precision"]),
-                    "noise_recall": float(det["recall"]),
-                    "noise_f1": float(det["f1"]),
-                    **{
-                        f"noise_{k}": float(det[k])
-                        for k in DETECTION_KEYS
-                        if k not in ("precision", "recall", "f1", "zero_weight_share")
-                    },
-                    "gamma": float(gamma),
-                    "epoch_seconds": seconds[-1],
-                    "warmup": float(epoch < cfg.warmup_epochs),
-                }
+            every_rank = dataclasses.replace(
+                res,
+                loss=sums[0].item() / n,
+                chl=sums[1].item() / n,
+                center=sums[2].item() / n,
+                items=int(sums[3].item()),
+                item_id=ids,
+                weight=weights,
+                ell=ell,
+                predicted=predicted,
             )
-            for key in (
-                "epoch",
-                "loss",
-                *terms,
-                "valid_map_i2t",
-                "valid_map_t2i",
-                "valid_map_mean",
-                "zero_weight_share",
-                "noise_precision",
-                "noise_recall",
-                "noise_auc",
-                "noise_clean_mean_weight",
-                "noise_noisy_mean_weight",
-                "gamma",
-            ):
-                history.setdefault(key, []).append(metrics[key])
-            if mixture is not None:  # the fit the next epoch uses (numbers only, for resuming)
-                for k, v in mixture.to_dict().items():
-                    for c, x in zip(("clean", "noisy"), v, strict=True):
-                        history.setdefault(f"mixture_{k}_{c}", []).append(float(x))
-            for name, mask in (("clean", ~noisy_of_batch), ("noisy", noisy_of_batch)):
-                counts, _ = np.histogram(weights[mask], bins=HIST_EDGES)
-                history[f"weight_hist_{name}"].append(counts.tolist())
-            log.info(
-                "epoch %d/%d loss=%.4f %s=%.4f %s=%.4f valid_map=%.4f (i2t %.4f t2i %.4f) "
-                "best=%.4f@%d zero_w=%.3f noise_p/r=%.3f/%.3f auc=%.3f w_clean/noisy=%.3f/%.3f "
-                "train %.1fs (data %.2fs)",
-                epoch + 1,
-                cfg.epochs,
-                metrics["loss"],
-                terms[0][5:],
-                metrics[terms[0]],
-                terms[1][5:],
-                metrics[terms[1]],
-                vmap["mean"],
-                vmap["i2t"],
-                vmap["t2i"],
-                best_map,
-                best_epoch,
-                metrics["zero_weight_share"],
-                det["precision"],
-                det["recall"],
-                det["auc"],
-                det["clean_mean_weight"],
-                det["noisy_mean_weight"],
-                seconds[-1],
-                timer.t.get("data_wait", 0.0),
+            metrics, _ = record.record(
+                core, epoch, every_rank, gamma=gamma, mixture=mixture, seconds=seconds[-1]
             )
+            timer.add("eval", time.perf_counter() - t0)
             # what the driver's callback logs to MLflow for this epoch (workers do not talk to it)
             epoch_scalars = {k: v for k, v in metrics.items() if k != "epoch"} | {
                 f"time_{k}": v for k, v in timer.t.items()
@@ -439,17 +344,25 @@ def train_func(loop_config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
             save_model_file(
-                Path(ckpt_dir) / WEIGHTS, core, arch, {"epoch": epoch + 1, "valid_map": vmap}
+                Path(ckpt_dir) / WEIGHTS,
+                core,
+                arch,
+                {"epoch": epoch + 1, "valid_map": record.valid_map},
             )
             save_train_state(
-                Path(ckpt_dir) / STATE, optimizer.state_dict(), epoch, best_map, best_epoch, history
+                Path(ckpt_dir) / STATE,
+                optimizer.state_dict(),
+                epoch,
+                record.best_map,
+                record.best_epoch,
+                record.history,
             )
             timer.add("checkpoint", time.perf_counter() - t0)
             metrics.update(
                 {
                     "center_checksums": checksums,
                     "seconds_per_epoch": float(np.mean(seconds)),
-                    "noise_detection": {k: float(det[k]) for k in DETECTION_KEYS},
+                    "noise_detection": {k: float(record.detection[k]) for k in DETECTION_KEYS},
                     "worker_nodes": nodes,
                     "mlflow_run_id": loop_config.get("run_id") or "",
                     "epoch_scalars": epoch_scalars,
@@ -457,10 +370,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 }
             )
             if epoch + 1 == cfg.epochs:
-                metrics["history"] = history
-                report = suspect_report(ref, ids, ell, weights, predicted)
+                metrics["history"] = record.history
+                report = suspect_report(record.ref, ids, ell, weights, predicted)
                 write_report(report, Path(ckpt_dir) / SUSPECTS_FILE)
-                metrics["suspect_labels"] = summary_of(ref, report)
+                metrics["suspect_labels"] = summary_of(record.ref, report)
         # Every epoch's checkpoint is scored by its validation MAP; Ray keeps the best and latest.
         t0 = time.perf_counter()
         # The upload overlaps the next epoch; Ray deletes the local directory once it is stored.

@@ -28,8 +28,9 @@ from pipeline.training.data import (
 )
 from pipeline.training.final_eval import fetch_weights, final_evaluation
 from pipeline.training.guards import TrainingError
+from pipeline.training.record import SCORE
 from pipeline.training.step import arch_of
-from pipeline.training.train_loop import SCORE, train_func
+from pipeline.training.train_loop import train_func
 
 log = logging.getLogger(__name__)
 
