@@ -96,9 +96,14 @@ class FixedCenters(nn.Module):
 
 class HashModel(nn.Module):
     """Both hash heads, the class centers and the train-split feature normalisation: what RSHNL
-    and SCBCH share. ``encode`` gives continuous codes; ``sign`` of them gives b^m (Eq 1)."""
+    and SCBCH share. ``encode`` gives continuous codes; ``sign`` of them gives b^m (Eq 1).
+
+    Subclasses set ``method``, whether the codes are L2-normalised, and may fix the centers.
+    """
 
     method = ""
+    normalize = True
+    fixed_center_mode: str | None = None
 
     def __init__(
         self,
@@ -108,13 +113,17 @@ class HashModel(nn.Module):
         bits: int,
         hidden: int = 4096,
         center_mode: str = "learned",
-        normalize: bool = True,
+        method: str | None = None,
     ) -> None:
         super().__init__()
+        if method not in (None, self.method):
+            raise ValueError(f"{type(self).__name__} is method {self.method!r}, got {method!r}")
+        center_mode = self.fixed_center_mode or center_mode
         if center_mode not in CENTER_MODES:
             raise ValueError(f"center_mode must be one of {CENTER_MODES}, got {center_mode!r}")
-        self.image_head = HashHead(image_dim, bits, hidden, normalize=normalize)
-        self.text_head = HashHead(text_dim, bits, hidden, normalize=normalize)
+        self.num_classes, self.bits = num_classes, bits
+        self.image_head = HashHead(image_dim, bits, hidden, normalize=self.normalize)
+        self.text_head = HashHead(text_dim, bits, hidden, normalize=self.normalize)
         self.center_net: nn.Module = (
             CenterNet(num_classes, bits, hidden)
             if center_mode == "learned"
@@ -141,20 +150,6 @@ class RSHNLModel(HashModel):
     """RSHNL: L2-normalised codes h^m (Eq 1) and the class-center network (Eq 4)."""
 
     method = "rshnl"
-
-    def __init__(
-        self,
-        image_dim: int,
-        text_dim: int,
-        num_classes: int,
-        bits: int,
-        hidden: int = 4096,
-        center_mode: str = "learned",
-        method: str = "rshnl",
-    ) -> None:
-        if method != self.method:
-            raise ValueError(f"RSHNLModel is method 'rshnl', got {method!r}")
-        super().__init__(image_dim, text_dim, num_classes, bits, hidden, center_mode)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(h_image, h_text, centers)."""

@@ -20,6 +20,7 @@ not normalised; ``labels`` is (B, K) multi-hot float.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,23 +45,13 @@ class SCBCHModel(HashModel):
     """
 
     method = "scbch"
+    normalize = False
+    fixed_center_mode = "random"
 
-    def __init__(
-        self,
-        image_dim: int,
-        text_dim: int,
-        num_classes: int,
-        bits: int,
-        hidden: int = 4096,
-        center_mode: str = "random",
-        method: str = "scbch",
-    ) -> None:
-        if method != self.method:
-            raise ValueError(f"SCBCHModel is method 'scbch', got {method!r}")
-        del center_mode  # in the architecture dict of every model file; SCBCH's is always fixed
-        super().__init__(image_dim, text_dim, num_classes, bits, hidden, "random", normalize=False)
-        self.image_cls = nn.Linear(bits, num_classes)
-        self.text_cls = nn.Linear(bits, num_classes)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_cls = nn.Linear(self.bits, self.num_classes)
+        self.text_cls = nn.Linear(self.bits, self.num_classes)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(u_image, u_text, centers, image logits, text logits)."""
