@@ -23,8 +23,13 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-_PKG_ROOT = Path(__file__).resolve().parent.parent
+_PKG_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pipeline/, jobs/, ...
 _SOURCE_DIRS = ("pipeline", "jobs", "feature_store")
+
+
+def source_files() -> list[Path]:
+    """The project's Python sources that :func:`code_version` digests."""
+    return [p for d in _SOURCE_DIRS for p in sorted((_PKG_ROOT / d).rglob("*.py"))]
 
 
 def resolve_tracking_uri(configured: str = "") -> str:
@@ -38,10 +43,9 @@ def resolve_tracking_uri(configured: str = "") -> str:
 def code_version() -> dict[str, str]:
     """Git commit (when in a checkout) and a digest of the project's source files."""
     h = hashlib.sha256()
-    for d in _SOURCE_DIRS:
-        for p in sorted((_PKG_ROOT / d).rglob("*.py")):
-            h.update(str(p.relative_to(_PKG_ROOT)).encode())
-            h.update(p.read_bytes())
+    for p in source_files():
+        h.update(str(p.relative_to(_PKG_ROOT)).encode())
+        h.update(p.read_bytes())
     out = {"code_digest": h.hexdigest()[:16], "git_commit": "unknown"}
     try:
         commit = subprocess.run(

@@ -203,6 +203,9 @@ def _json_default(o: Any) -> Any:
     return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/: the pyfunc imports method/ too
+
+
 def log_pyfunc(
     model_dir: Path,
     *,
@@ -240,7 +243,7 @@ def log_pyfunc(
             "metrics": str(model_dir / METRICS),
         },
         signature=signature,
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(PACKAGE_DIR)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "mlflow"],
         metadata={
             "bits": bits,
