@@ -12,11 +12,44 @@ from pipeline.method.bounds import ell_max
 pytestmark = pytest.mark.ray
 
 
+def _ell_max(r: float) -> float:
+    """Eq 14 by hand for M = 2 modalities."""
+    return 2 * (r * r - r + 1) / r
+
+
 def test_gamma_is_a_fraction_of_ell_max():
     base = TrainConfig(dataset="x")
     cfg = trial_config(base, {"gamma_fraction": 0.25, "r": 0.1, "alpha": 0.3, "warmup_epochs": 4})
-    assert cfg.gamma == pytest.approx(0.25 * ell_max(0.1))
+    # ℓmax(0.1) = 2(0.01 − 0.1 + 1)/0.1 = 18.2; γ = 0.25 × 18.2 (the trial's r, not the base's)
+    assert cfg.gamma == pytest.approx(4.55)
     assert (cfg.r, cfg.alpha, cfg.warmup_epochs) == (0.1, 0.3, 4)
+    assert ell_max(0.1) == pytest.approx(18.2)
+
+
+def test_sampled_trials_map_the_space_onto_valid_gammas():
+    from pipeline.experiments.tune import DEFAULT_SPACE, param_space
+
+    base = TrainConfig(dataset="x")
+    space = param_space(SweepConfig(base=base))
+    rs, fractions = [], []
+    for _ in range(200):
+        params = {k: v.sample() if hasattr(v, "sample") else v for k, v in space.items()}
+        cfg = trial_config(base, params).validate()  # refused if γ ≥ ℓmax without the flag
+        assert not cfg.allow_gamma_above_ell_max
+        assert cfg.gamma == pytest.approx(params["gamma_fraction"] * _ell_max(params["r"]))
+        assert cfg.r == params["r"] and cfg.alpha == params["alpha"]
+        rs.append(cfg.r)
+        fractions.append(cfg.gamma / _ell_max(cfg.r))
+    lo, hi = DEFAULT_SPACE["gamma_fraction"]["low"], DEFAULT_SPACE["gamma_fraction"]["high"]
+    assert lo <= min(fractions) and max(fractions) <= hi
+    assert min(rs) < 0.01 and max(rs) > 0.1  # r spans its log range, so ℓmax varies ~100×
+    # the γ grid goes past ℓmax on purpose (RSHNL-D-like points): those trials carry the flag
+    grid = param_space(SweepConfig(base=base, mode="gamma"))["gamma_fraction"]
+    fractions = grid["grid_search"] if isinstance(grid, dict) else grid
+    for frac in fractions:
+        cfg = trial_config(base, {"gamma_fraction": frac, "r": base.r}).validate()
+        assert cfg.gamma == pytest.approx(frac * 198.02)
+        assert cfg.allow_gamma_above_ell_max == (frac >= 1)
 
 
 def test_scbch_weights_are_searchable_and_untunable_keys_refused():
@@ -74,12 +107,20 @@ def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
 
 
 @pytest.mark.slow  # the sweep fixture takes 2.5 min; `make test-e2e` submits a sweep too
-def test_every_trial_satisfies_eq14(sweep_result):
-    _, s = sweep_result
+def test_every_trial_trains_with_its_own_gamma(sweep_result):
+    base, s = sweep_result
     assert len(s["trials"]) == 4
+    client = mlflow.tracking.MlflowClient(base.tracking_uri)
     for t in s["trials"]:
         c = t["config"]
-        assert 0 < c["gamma"] < ell_max(c["r"])
+        # γ/ℓmax(r) by hand lies in the sampled range [1e-3, 0.5]: γ follows the trial's own r
+        assert 1e-3 <= c["gamma"] / _ell_max(c["r"]) <= 0.5
+        assert 1e-3 <= c["r"] <= 1.0 and 1e-2 <= c["alpha"] <= 1.0 and c["warmup_epochs"] in (0, 1)
+        if t["mlflow_run_id"]:  # the training run logged the γ and r it was given
+            params = client.get_run(t["mlflow_run_id"]).data.params
+            assert float(params["gamma"]) == pytest.approx(c["gamma"])
+            assert float(params["r"]) == pytest.approx(c["r"])
+    assert len({t["config"]["r"] for t in s["trials"]}) == 4  # sampled, not one fixed point
 
 
 @pytest.mark.slow  # the sweep fixture takes 2.5 min; `make test-e2e` submits a sweep too
