@@ -41,13 +41,18 @@ def test_summary_contract(tiny_run):
     _, s = tiny_run
     for key in ("test_map", "best_valid_map"):
         assert set(s[key]) == {"i2t", "t2i", "mean"}
-        assert 0.0 <= s[key]["mean"] <= 1.0
+        assert s[key]["mean"] == pytest.approx((s[key]["i2t"] + s[key]["t2i"]) / 2)
     assert s["epochs_run"] == 3 and 1 <= s["best_epoch"] <= 3
+    # the best epoch is the one with the highest validation MAP of the history
+    valid = s["history"]["valid_map_mean"]
+    assert len(valid) == 3 and s["best_valid_map"]["mean"] == pytest.approx(max(valid))
+    assert valid[s["best_epoch"] - 1] == pytest.approx(max(valid))
     assert s["seconds_per_epoch"] > 0
     assert {"auc", "precision", "recall", "clean_mean_weight", "noisy_mean_weight"} <= set(
         s["noise_detection"]
     )
-    assert 0.0 <= s["noise_detection"]["auc"] <= 1.0
+    # the summary's detection is the last epoch's
+    assert s["noise_detection"]["auc"] == pytest.approx(s["history"]["noise_auc"][-1])
     assert s["restarts"] == 0
     reg = s["registered_model"]
     assert (reg["name"], reg["version"]) == ("rshnl-test", "1")
@@ -58,6 +63,22 @@ def test_centers_identical_on_every_rank(tiny_run):
     _, s = tiny_run
     assert len(s["center_checksums"]) == 2
     assert len(set(s["center_checksums"])) == 1
+
+
+def _brute_map(query: np.ndarray, db: np.ndarray, labels: np.ndarray) -> float:
+    """MAP of each query against every database item, ranked by Hamming distance (ties by
+    index), relevant when the labels intersect: a loop per query."""
+    aps = []
+    for i in range(len(query)):
+        dist = [int(np.sum(query[i] != db[j])) for j in range(len(db))]
+        rel = [bool(np.dot(labels[i], labels[j]) > 0) for j in range(len(db))]
+        hits, total = 0, 0.0
+        for pos, j in enumerate(sorted(range(len(db)), key=lambda j: (dist[j], j)), start=1):
+            if rel[j]:
+                hits += 1
+                total += hits / pos
+        aps.append(total / max(sum(rel), 1))
+    return float(np.mean(aps))
 
 
 def test_mlflow_run_metrics_and_registered_model(tiny_run):
@@ -96,23 +117,35 @@ def test_mlflow_run_metrics_and_registered_model(tiny_run):
     txt = model.predict(feats[S.TEXT].astype(np.float32), params={"modality": "text"})
     assert img.shape == (48, 16) and txt.shape == (48, 16)
     assert set(np.unique(img)) <= {-1, 1}
+    # the summary's test MAP is the registered model's, by a brute-force ranking of its codes
+    labels = ds.read_arrays("test", [S.LABEL])[S.LABEL]
+    i2t, t2i = _brute_map(img, txt, labels), _brute_map(txt, img, labels)
+    assert s["test_map"]["i2t"] == pytest.approx(i2t, abs=1e-9)
+    assert s["test_map"]["t2i"] == pytest.approx(t2i, abs=1e-9)
     with pytest.raises(Exception, match=r"shape \(n, 24\)"):
         model.predict(feats[S.TEXT].astype(np.float32), params={"modality": "image"})
 
 
-def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset):
+def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset, tmp_path):
     """The batches a training worker receives hold only features, observed labels and ids."""
+    import json
+
     import ray.train
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.training.data import training_dataset
 
+    out = str(tmp_path)
+
     def probe(_config):
-        seen = set()
+        seen, ids = set(), []
         for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=32):
             seen |= set(batch)
-        ray.train.report({"columns": sorted(seen)})
+            ids += [int(i) for i in batch[S.ITEM_ID]]
+        rank = ray.train.get_context().get_world_rank()
+        with open(f"{out}/rank{rank}.json", "w") as f:  # the local cluster shares tmp_path
+            json.dump({"columns": sorted(seen), "item_ids": ids}, f)
 
     ds = open_dataset(tiny_dataset)
     trainer = TorchTrainer(
@@ -121,6 +154,15 @@ def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset):
         datasets={"train": training_dataset(ds, seed=0, workers=2, cache_max_bytes=1 << 30)},
     )
     trainer.fit()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for probe_out in seen:  # every worker saw batches, with exactly the training columns
+        assert probe_out["columns"] == sorted(S.TRAINING_COLUMNS)
+        assert S.CLEAN_LABEL not in probe_out["columns"] and S.IS_NOISY not in probe_out["columns"]
+        assert probe_out["item_ids"]
+    # the two shards are disjoint and together the whole train split
+    train_ids = ds.read_arrays("train", [S.ITEM_ID])[S.ITEM_ID].tolist()
+    assert not set(seen[0]["item_ids"]) & set(seen[1]["item_ids"])
+    assert sorted(seen[0]["item_ids"] + seen[1]["item_ids"]) == sorted(train_ids)
     ray_ds = training_dataset(ds, seed=0, workers=2, cache_max_bytes=0)
     assert sorted(ray_ds.columns()) == sorted(S.TRAINING_COLUMNS)
     batch = ray_ds.take_batch(8)
