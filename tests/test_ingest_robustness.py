@@ -18,7 +18,7 @@ import pytest
 import scipy.io as sio
 from test_ingest import _bad
 
-from feature_store import store as store_mod
+from feature_store import staging as store_mod
 from jobs._cli import run_main
 from jobs.ingest import main
 
@@ -194,14 +194,14 @@ def test_gc_removes_only_old_temp_directories(tmp_path, caplog, capsys):
 
 _KILLED_WRITER = """
 import os, signal, sys
-from feature_store import store
-real = store._write_split
+from feature_store import writing
+real = writing._write_split
 def write_then_die(staging, split, *a, **k):
     out = real(staging, split, *a, **k)
     if split == "train":  # one file written, the others not: killed mid-version
         os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     return out
-store._write_split = write_then_die
+writing._write_split = write_then_die
 from jobs._cli import run_main
 from jobs.ingest import main
 run_main(lambda: main(sys.argv[2:]))
