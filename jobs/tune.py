@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import fields
 from typing import Any
 
 from jobs._cli import EXIT_OK, run_main, setup_logging, write_json_atomic
-from pipeline.config import ConfigError, TrainConfig, read_yaml
 
 log = logging.getLogger("jobs.tune")
 
@@ -55,17 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_sweep(args: argparse.Namespace) -> Any:
-    from pipeline.experiments.tune import SweepConfig, default_space
+    """The sweep the flags ask for (flags over the YAML's keys)."""
+    from pipeline.experiments.tune import sweep_from_yaml
 
-    data = read_yaml(args.config) if args.config else {}
-    space = default_space(str(data.get("method", "rshnl")))
-    space.update(data.pop("search_space", None) or {})
-    sweep_data = data.pop("sweep", None) or {}
-    known = {f.name for f in fields(SweepConfig)} - {"base", "space"}
-    unknown = set(sweep_data) - known
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown sweep key(s) {sorted(unknown)}")
-    overrides = {
+    train = {
         "dataset": args.dataset,
         "epochs": args.epochs,
         "workers": args.workers,
@@ -77,9 +68,7 @@ def load_sweep(args: argparse.Namespace) -> Any:
         "experiment_name": args.experiment_name,
         "registered_model_name": args.registered_model_name,
     }
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    base = TrainConfig.from_dict(data, source=str(args.config or "flags")).validate()
-    sweep_over = {
+    sweep = {
         "num_samples": args.num_samples,
         "mode": args.mode,
         "scheduler": args.scheduler,
@@ -91,12 +80,7 @@ def load_sweep(args: argparse.Namespace) -> Any:
         if args.gamma_fractions
         else None,
     }
-    sweep_data.update({k: v for k, v in sweep_over.items() if v is not None})
-    if args.resume:
-        if not sweep_data.get("name"):
-            raise ConfigError("--resume needs the --name of the sweep to continue")
-        sweep_data["resume"] = True
-    return SweepConfig(base=base, space=space, seed=base.seed, **sweep_data).validate()
+    return sweep_from_yaml(args.config, train, sweep, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.experiments.tune import SweepConfig, trial_config
 from pipeline.method.bounds import ell_max
 
@@ -155,3 +155,21 @@ def test_parent_and_child_runs_and_registered_winner(sweep_result):
     )
     assert mv.run_id == best["mlflow_run_id"]
     assert set(s["best_test_map"]) == {"i2t", "t2i", "mean"}
+
+
+def test_sweep_from_yaml_flags_over_the_file_and_bad_keys(tmp_path):
+    from pipeline.experiments.tune import sweep_from_yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "bits: 32\nepochs: 9\nsearch_space:\n  alpha: {type: fixed, value: 0.2}\n"
+        "sweep:\n  num_samples: 3\n  scheduler: fifo\n"
+    )
+    s = sweep_from_yaml(str(path), {"dataset": "x", "epochs": 4, "bits": None}, {"num_samples": 5})
+    assert (s.base.bits, s.base.epochs, s.num_samples, s.scheduler) == (32, 4, 5, "fifo")
+    assert s.space["alpha"] == {"type": "fixed", "value": 0.2} and "gamma_fraction" in s.space
+    path.write_text("sweep:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown sweep key\(s\) \['bogus'\]"):
+        sweep_from_yaml(str(path), {"dataset": "x"}, {})
+    with pytest.raises(ConfigError, match="--resume needs the --name"):
+        sweep_from_yaml(None, {"dataset": "x"}, {}, resume=True)

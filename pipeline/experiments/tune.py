@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig
+from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig, read_yaml
 from pipeline.method.bounds import ell_max
 from pipeline.tracking import runs as tracking
 from pipeline.training import guards
@@ -190,6 +190,33 @@ def _trainable(params: dict[str, Any]) -> None:
         parent_run_id=params["_parent_run_id"],
         log_model=False,
     )
+
+
+def sweep_from_yaml(
+    path: str | None,
+    train_overrides: dict[str, Any],
+    sweep_overrides: dict[str, Any],
+    *,
+    resume: bool = False,
+) -> SweepConfig:
+    """A validated sweep from a YAML file (TrainConfig keys, ``search_space``, ``sweep``) with the
+    given overrides on top (``None`` values are not overrides)."""
+    data = read_yaml(path) if path else {}
+    space = default_space(str(data.get("method", "rshnl")))
+    space.update(data.pop("search_space", None) or {})
+    sweep_data = data.pop("sweep", None) or {}
+    known = {f.name for f in dataclasses.fields(SweepConfig)} - {"base", "space"}
+    unknown = set(sweep_data) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}")
+    data.update({k: v for k, v in train_overrides.items() if v is not None})
+    base = TrainConfig.from_dict(data, source=str(path or "flags")).validate()
+    sweep_data.update({k: v for k, v in sweep_overrides.items() if v is not None})
+    if resume:
+        if not sweep_data.get("name"):
+            raise ConfigError("--resume needs the --name of the sweep to continue")
+        sweep_data["resume"] = True
+    return SweepConfig(base=base, space=space, seed=base.seed, **sweep_data).validate()
 
 
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
