@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -11,6 +12,15 @@ from pipeline.files import write_json_atomic as write_json_atomic  # re-exported
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 log = logging.getLogger("jobs")
+
+
+def job_parser(job: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``python -m jobs.<job>``, described by the job's docstring as written."""
+    return argparse.ArgumentParser(
+        prog=f"python -m jobs.{job}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def setup_logging(verbose: bool = False) -> None:

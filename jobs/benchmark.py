@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs._cli import EXIT_FAILED, EXIT_OK, run_main, setup_logging, write_json_atomic
+from jobs._cli import EXIT_FAILED, EXIT_OK, job_parser, run_main, setup_logging, write_json_atomic
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.experiments.benchmark import format_table, plain_benchmark, scaling
 from pipeline.method.variants import DESCRIPTIONS
@@ -22,11 +22,7 @@ log = logging.getLogger("jobs.benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.benchmark",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = job_parser("benchmark", __doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("scaling", help="plain loop vs Ray Train with 1..N workers")

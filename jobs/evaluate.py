@@ -22,7 +22,14 @@ import argparse
 import logging
 from typing import Any
 
-from jobs._cli import EXIT_BAD_INPUT, EXIT_OK, run_main, setup_logging, write_json_atomic
+from jobs._cli import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    job_parser,
+    run_main,
+    setup_logging,
+    write_json_atomic,
+)
 from pipeline.retrieval.bench import run_bench
 from pipeline.tracking.pull import PullError, evaluate_registered_model
 
@@ -34,11 +41,7 @@ class EvaluateInputError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = job_parser("evaluate", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("model", help="evaluate a registered model on a feature-store split")

@@ -21,7 +21,14 @@ import argparse
 import logging
 from typing import Any
 
-from jobs._cli import EXIT_BAD_INPUT, EXIT_OK, run_main, setup_logging, write_json_atomic
+from jobs._cli import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    job_parser,
+    run_main,
+    setup_logging,
+    write_json_atomic,
+)
 from pipeline.retrieval.search import MODALITIES
 from pipeline.tracking.pull import PullError, run_pull
 
@@ -29,11 +36,7 @@ log = logging.getLogger("jobs.pull")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.pull",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = job_parser("pull", __doc__)
     p.add_argument("--model", required=True, help="NAME@ALIAS, NAME/VERSION or an MLflow model URI")
     p.add_argument(
         "--tracking-uri",

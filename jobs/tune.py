@@ -12,17 +12,13 @@ import argparse
 import logging
 from typing import Any
 
-from jobs._cli import EXIT_OK, run_main, setup_logging, write_json_atomic
+from jobs._cli import EXIT_OK, job_parser, run_main, setup_logging, write_json_atomic
 
 log = logging.getLogger("jobs.tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.tune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = job_parser("tune", __doc__)
     p.add_argument("--dataset", help="dataset version URI (STORE/NAME/vN)")
     p.add_argument("--config", help="YAML: TrainConfig keys, search_space, sweep")
     p.add_argument("--num-samples", type=int, help="trials for the random search (default 12)")
