@@ -17,10 +17,16 @@ count, uniform classes) and splits train / query / database, as the multi-label 
 
 Rows are generated in fixed blocks of ``BLOCK_ROWS`` from seeds derived from (seed, split, block),
 so the data depends only on the parameters, never on how it is read, and any size streams.
+
+:func:`modality_from_labels` generates one modality by the same model from labels given to it: a
+stand-in for a real dataset's missing features (MIRFlickr-25K without its VGG image features),
+recorded as synthetic wherever it is used.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -165,3 +171,70 @@ def generate(**kwargs: Any) -> tuple[dict[str, S.SplitArrays], dict[str, Any]]:
     """The synthetic dataset in memory: (splits, {"source", "protocol"}); see generate_plan."""
     plan = generate_plan(**kwargs)
     return plan.to_arrays(), {"source": plan.source, "protocol": plan.protocol}
+
+
+LABEL_MODALITY_BLOCK_ROWS = 1024
+_LABEL_MODALITY = 3
+
+
+def modality_from_labels(
+    labels: np.ndarray,
+    *,
+    dim: int,
+    difficulty: float = 0.5,
+    latent_dim: int = 32,
+    seed: int = 0,
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """One feature modality generated from given label vectors (e.g. a real dataset's labels) by
+    the model of :func:`generate_plan`'s image modality; returns (rows → features, parameters).
+
+    Row r: ``z = mean of its classes' centres + N(0, I/latent_dim)``, then
+    ``x = tanh(z P) + (modality_gap / sqrt(dim)) N(0, I)``, with centres of scale ``class_sep``
+    and ``class_sep, modality_gap = difficulty_params(difficulty)``; an all-zero label row gets
+    the noise alone. Rows are drawn in blocks of ``LABEL_MODALITY_BLOCK_ROWS`` seeded by (seed,
+    block), so row r's vector depends only on the seed and the labels of its block: the same
+    item gets the same vector in every split it is in, however the rows are asked for.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or dim < 1 or latent_dim < 1:
+        raise FeatureStoreError(
+            f"labels of shape {labels.shape}, dim {dim}, latent_dim {latent_dim}: need items × "
+            "classes labels and dims >= 1"
+        )
+    class_sep, gap = difficulty_params(difficulty)
+    n, k = labels.shape
+    rng = np.random.default_rng([seed, _LABEL_MODALITY, _PARAMS])
+    means = rng.normal(size=(k, latent_dim)) * (class_sep / np.sqrt(2 * latent_dim))
+    proj = rng.normal(size=(latent_dim, dim)) / np.sqrt(latent_dim)
+    rows_per_block = LABEL_MODALITY_BLOCK_ROWS
+
+    @functools.lru_cache(maxsize=8)
+    def block(b: int) -> np.ndarray:
+        y = labels[b * rows_per_block : (b + 1) * rows_per_block].astype(np.float64)
+        r = np.random.default_rng([seed, _LABEL_MODALITY, _FEATURES, b])
+        z = (y @ means) / np.maximum(y.sum(axis=1, keepdims=True), 1.0)
+        z += r.normal(size=(y.shape[0], latent_dim)) / np.sqrt(latent_dim)
+        x = np.tanh(z @ proj) + (gap / np.sqrt(dim)) * r.normal(size=(y.shape[0], dim))
+        return x.astype(np.float32)
+
+    def rows(idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise FeatureStoreError(f"rows {idx.min()}..{idx.max()} are outside 0..{n - 1}")
+        out = np.empty((idx.size, dim), dtype=np.float32)
+        blocks = idx // rows_per_block
+        for b in np.unique(blocks).tolist():
+            sel = blocks == b
+            out[sel] = block(b)[idx[sel] - b * rows_per_block]
+        return out
+
+    params = {
+        "dim": dim,
+        "difficulty": difficulty,
+        "class_sep": class_sep,
+        "modality_gap": gap,
+        "latent_dim": latent_dim,
+        "seed": seed,
+        "block_rows": rows_per_block,
+    }
+    return rows, params
