@@ -1,15 +1,24 @@
 """Imports and noisy copies as new versions: the target is checked before any input is read, the
-train labels get the requested noise, and the version is written (or nothing is)."""
+train labels get the requested noise, and the version is written (or nothing is). An import can
+bring label copies of its own (published noisy labels), written after it as overlays."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from feature_store.errors import FeatureStoreError
 from feature_store.noise import parse_flip_map
 from feature_store.plan import ImportPlan
-from feature_store.store import check_target, open_dataset, write_noisy_copy, write_version
+from feature_store.store import (
+    check_target,
+    open_dataset,
+    write_label_copy,
+    write_noisy_copy,
+    write_version,
+)
 
 
 def import_version(
@@ -41,6 +50,41 @@ def import_version(
     )
     uri = write_version(store, name, plan, version=version, rows_per_group=rows_per_group)
     return uri, noise
+
+
+def import_with_label_copies(
+    store: str,
+    name: str,
+    read_plan: Callable[[], ImportPlan],
+    read_copies: Callable[[ImportPlan], list[tuple[np.ndarray, dict[str, Any]]]],
+    *,
+    version: int | None = None,
+    rows_per_group: int | None = None,
+    noise_mode: str | None = None,
+    noise_rate: float = 0.0,
+    noise_seed: int = 0,
+    flip_map: str | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """:func:`import_version`, then one copy of it per (train labels, noise spec) that
+    ``read_copies(plan)`` returns (e.g. published noisy labels), each a label overlay sharing the
+    import's features; returns (the import's URI and then the copies', the import's noise spec).
+
+    The target is checked first and every input (the plan and all copies' labels) is read and
+    checked before anything is written; the copies are the versions after the import's.
+    """
+    if rows_per_group is not None and rows_per_group < 1:
+        raise FeatureStoreError("--row-group-rows must be >= 1")
+    check_target(store, name, version)
+    plan = read_plan()
+    copies = read_copies(plan)
+    noise = plan.apply_noise(
+        noise_mode,
+        noise_rate,
+        noise_seed,
+        flip_map=None if flip_map is None else parse_flip_map(flip_map, plan.num_classes),
+    )
+    uri = write_version(store, name, plan, version=version, rows_per_group=rows_per_group)
+    return [uri, *(write_label_copy(uri, label, spec) for label, spec in copies)], noise
 
 
 def noisy_copy(

@@ -12,10 +12,13 @@ Every row of every split has the same columns:
 Single-label data sets (Wikipedia, XMedia, INRIA-Websearch, XMediaNet) store a one-hot vector and
 have the splits ``train`` / ``valid`` / ``test``; retrieval is test-vs-test. Multi-label data sets
 (MIRFlickr-25K, NUS-WIDE, MS-COCO, IAPR TC-12) store multi-hot vectors (at least one class per row)
-and have the splits ``train`` / ``query`` / ``database``, plus an optional ``valid`` split carved
-out of the query set at import time (a recorded import option); retrieval is query-vs-database, and
-the same item may appear in ``train`` and ``database`` (the usual protocol samples the training set
-from the database), so item ids may repeat across exactly those two splits and nowhere else.
+and have the splits ``train`` / ``query`` / ``database``, plus an optional ``valid`` split (carved
+out of the query set, or drawn from the database rows outside train as the MIRFlickr importer does;
+a recorded import option); retrieval is query-vs-database, and the same item may appear in
+``train`` and ``database`` (the usual protocol samples the training set from the database) and in
+``valid`` and ``database`` (every item outside the test queries is in the database, so validation
+queries that are not test queries come from it), so item ids may repeat across exactly those pairs
+of splits and nowhere else.
 """
 
 from __future__ import annotations
@@ -65,8 +68,9 @@ def allowed_splits(label_kind: str) -> tuple[str, ...]:
 
 
 def may_share_ids(label_kind: str, a: str, b: str) -> bool:
-    """Whether two splits may hold the same item id (multi-label: train is drawn from database)."""
-    return label_kind == MULTI and {a, b} == {"train", "database"}
+    """Whether two splits may hold the same item id (multi-label: train and valid are drawn from
+    the database; train and valid never share one)."""
+    return label_kind == MULTI and {a, b} in ({"train", "database"}, {"valid", "database"})
 
 
 def _check_kind(label_kind: str) -> None:

@@ -28,6 +28,7 @@ from feature_store.writing import (
     row_group_rows,
     write_cleaned_copy,
     write_dataset,
+    write_label_copy,
     write_noisy_copy,
     write_version,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "scan_store",
     "write_cleaned_copy",
     "write_dataset",
+    "write_label_copy",
     "write_noisy_copy",
     "write_version",
 ]

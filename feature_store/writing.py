@@ -1,5 +1,6 @@
 """Writing versions: an import (:func:`write_version`, :func:`write_dataset`), a noisy copy
-(:func:`write_noisy_copy`) and a cleaned copy (:func:`write_cleaned_copy`).
+(:func:`write_noisy_copy`; :func:`write_label_copy` with labels given, e.g. published noisy ones)
+and a cleaned copy (:func:`write_cleaned_copy`).
 
 A noisy copy is a new version holding only a label overlay, ``train.labels.parquet`` (item_id,
 label, clean_label, is_noisy in the base's row order); its manifest lists the base's feature files
@@ -326,6 +327,44 @@ def write_noisy_copy(
 
     uri = _derived_copy(base, name, version, write_train, spec)
     log.info("wrote noisy copy %s of %s: %s", uri, base.data_version, spec)
+    return uri
+
+
+def write_label_copy(
+    base_uri: str,
+    label: np.ndarray,
+    noise: dict[str, Any],
+    *,
+    name: str | None = None,
+    version: int | None = None,
+) -> str:
+    """A new version whose observed train labels are ``label`` (one row per row of the base's
+    train split, in its order), sharing the base's features and clean labels; ``noise`` is its
+    noise record (e.g. published noisy labels: which file, its checksum, the changed share).
+    """
+    base = open_dataset(base_uri)
+    name = name or base.manifest["name"]
+    check_target(base.store_location.uri, name, version)
+    train = base.read_arrays("train", [S.ITEM_ID, S.CLEAN_LABEL])
+    label = np.asarray(label)
+    S.check_labels(
+        "train",
+        train[S.ITEM_ID],
+        {S.LABEL: label},
+        label_kind=base.label_kind,
+        num_classes=base.num_classes,
+        source=f"labels for a copy of {base.uri}",
+    )
+
+    def write_train(staging: _Staging, files: dict, layout: dict, counts: dict) -> None:
+        overlay = "train.labels.parquet"
+        files[overlay] = _write_labels(
+            staging, overlay, train[S.ITEM_ID], label.astype(np.uint8), train[S.CLEAN_LABEL]
+        )
+        layout["train"]["labels"] = overlay
+
+    uri = _derived_copy(base, name, version, write_train, noise)
+    log.info("wrote label copy %s of %s: %s", uri, base.data_version, noise)
     return uri
 
 

@@ -2,8 +2,8 @@
 
 STORE is a local directory or s3://bucket/prefix (endpoint, region and credentials come from the
 standard AWS environment variables). Importing commands print the URI of the written version as
-the last line of stdout; bad input exits with code 2 and one line on stderr, and leaves the store
-as it was.
+the last line of stdout (mirflickr: the import's, then one line per --noise-file copy); bad input
+exits with code 2 and one line on stderr, and leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from feature_store import schema as S
-from feature_store.ingest import import_version, noisy_copy
+from feature_store.ingest import import_version, import_with_label_copies, noisy_copy
 from feature_store.noise import NOISE_MODES
 from feature_store.plan import ImportPlan
 from feature_store.store import DEFAULT_GC_HOURS, collect_garbage, open_dataset, scan_store
@@ -93,6 +93,58 @@ def _mat_importer(sub: Any, name: str, help_: str, *, valid: int | None) -> argp
     return p
 
 
+def _mirflickr_parser(sub: Any) -> None:
+    help_ = (
+        "MIRFlickr-25K: LAll / YAll / XAll .mat files and published noisy-label .h5 files; "
+        "query rows 0-1999, train rows 2000-11999, database = all but the query, validation a "
+        "seeded sample of the database rows outside train"
+    )
+    p = sub.add_parser(
+        "mirflickr",
+        help=help_,
+        description=help_ + ". Prints the import's URI, then one noisy copy's per --noise-file.",
+    )
+    p.add_argument("--labels", required=True, metavar="LALL.mat", help="variable LAll (n × 24)")
+    p.add_argument(
+        "--tags", required=True, metavar="YALL.mat", help="variable YAll (n × 1386): the text"
+    )
+    p.add_argument(
+        "--image-features",
+        required=True,
+        metavar="XALL.mat|synthetic",
+        help="variable XAll (n × 4096 VGG features), or 'synthetic': an image modality "
+        "generated from the real labels (class-centre mixture + noise, seeded), recorded in the "
+        "manifest as synthetic",
+    )
+    p.add_argument(
+        "--noise-file",
+        action="append",
+        default=[],
+        metavar="F.h5",
+        help="published noisy labels (variables True, result) for the train rows (repeatable): "
+        "each becomes a noisy copy of the import, a label overlay sharing its features",
+    )
+    p.add_argument(
+        "--valid-from-database",
+        type=int,
+        default=2000,
+        help="validation queries: a seeded sample of N database rows outside train (default "
+        "2000; 0: none); never test queries",
+    )
+    p.add_argument("--valid-seed", type=int, default=0)
+    g = p.add_argument_group("synthetic image features (--image-features synthetic)")
+    g.add_argument("--synthetic-dim", type=int, default=4096, help="width (default 4096)")
+    g.add_argument(
+        "--synthetic-difficulty",
+        type=float,
+        default=0.5,
+        help="0..1: class-sep 1.6(1-d), noise 3d (default 0.5, as the synthetic importer)",
+    )
+    g.add_argument("--synthetic-seed", type=int, default=0)
+    _target_args(p)
+    _noise_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.ingest",
@@ -154,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     _label_args(m, base=False)
     _target_args(m)
     _noise_args(m)
+
+    _mirflickr_parser(sub)
 
     pl = sub.add_parser(
         "plain",
@@ -362,7 +416,8 @@ def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
         noise_s = (
             "clean"
             if noise.get("mode") in (None, "none")
-            else (f"{noise['mode']}@{noise['rate']} seed {noise['seed']}")
+            else f"{noise['mode']}@{noise['rate']}"
+            + ("" if noise.get("seed") is None else f" seed {noise['seed']}")
         )
         base = f" (copy of {r['base']})" if r["base"] else ""
         print(
@@ -388,7 +443,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    commands = {"show": _show, "list": _list, "gc": _gc, "clean": _clean, "noise": _noise}
+    commands = {
+        "show": _show,
+        "list": _list,
+        "gc": _gc,
+        "clean": _clean,
+        "noise": _noise,
+        "mirflickr": _mirflickr,
+    }
     return commands.get(args.command, _import)(args)
 
 
@@ -473,6 +535,40 @@ def _import(args: argparse.Namespace) -> int:
     )
     log.info("noise: %s", noise)
     print(uri)
+    return EXIT_OK
+
+
+def _mirflickr(args: argparse.Namespace) -> int:
+    from feature_store import mirflickr as M
+
+    def plan() -> ImportPlan:
+        return M.plan_mirflickr(
+            args.labels,
+            args.tags,
+            args.image_features,
+            valid_from_database=args.valid_from_database,
+            valid_seed=args.valid_seed,
+            synthetic_dim=args.synthetic_dim,
+            synthetic_difficulty=args.synthetic_difficulty,
+            synthetic_seed=args.synthetic_seed,
+        )
+
+    uris, noise = import_with_label_copies(
+        args.store,
+        args.name,
+        plan,
+        lambda p: M.published_noises(args.noise_file, p),
+        version=args.version,
+        rows_per_group=args.row_group_rows,
+        noise_mode=args.noise_mode,
+        noise_rate=args.noise_rate,
+        noise_seed=args.noise_seed,
+        flip_map=args.flip_map,
+    )
+    log.info("noise: %s", noise)
+    for path, uri in zip(args.noise_file, uris[1:], strict=True):
+        log.info("published noise %s: %s", path, uri)
+    print("\n".join(uris))
     return EXIT_OK
 
 
