@@ -20,7 +20,7 @@ from feature_store.ingest import import_version, import_with_label_copies, noisy
 from feature_store.noise import NOISE_MODES
 from feature_store.plan import ImportPlan
 from feature_store.store import DEFAULT_GC_HOURS, collect_garbage, open_dataset, scan_store
-from jobs._cli import EXIT_OK, run_main, setup_logging
+from jobs._cli import EXIT_OK, job_parser, run_main, setup_logging
 
 log = logging.getLogger("jobs.ingest")
 
@@ -146,11 +146,7 @@ def _mirflickr_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.ingest",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = job_parser("ingest", __doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
