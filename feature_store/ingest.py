@@ -38,18 +38,19 @@ def import_version(
 
     A bad target is refused before ``read_plan`` runs, so no input is read for nothing.
     """
-    if rows_per_group is not None and rows_per_group < 1:
-        raise FeatureStoreError("--row-group-rows must be >= 1")
-    check_target(store, name, version)
-    plan = read_plan()
-    noise = plan.apply_noise(
-        noise_mode,
-        noise_rate,
-        noise_seed,
-        flip_map=None if flip_map is None else parse_flip_map(flip_map, plan.num_classes),
+    uris, noise = import_with_label_copies(
+        store,
+        name,
+        read_plan,
+        lambda plan: [],
+        version=version,
+        rows_per_group=rows_per_group,
+        noise_mode=noise_mode,
+        noise_rate=noise_rate,
+        noise_seed=noise_seed,
+        flip_map=flip_map,
     )
-    uri = write_version(store, name, plan, version=version, rows_per_group=rows_per_group)
-    return uri, noise
+    return uris[0], noise
 
 
 def import_with_label_copies(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,12 @@ from pipeline.files import write_json_atomic as write_json_atomic  # re-exported
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 log = logging.getLogger("jobs")
+
+
+def passive_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning: on a shared, busy machine spinning threads
+    slow faiss searches down many times over. Call before faiss or torch load their runtime."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def job_parser(job: str, doc: str | None) -> argparse.ArgumentParser:

@@ -13,11 +13,6 @@ Exit code 0 is success, 2 is bad input (named in one line on stderr), 1 is a fai
 
 from __future__ import annotations
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning (see jobs.pull); set before faiss/torch load.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import logging
 from typing import Any
@@ -26,6 +21,7 @@ from jobs._cli import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     job_parser,
+    passive_openmp,
     run_main,
     setup_logging,
     write_json_atomic,
@@ -95,6 +91,7 @@ def _print_report(summary: dict[str, Any], ks: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    passive_openmp()  # before faiss or torch is imported
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:

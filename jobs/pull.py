@@ -11,12 +11,6 @@ Exit code 0 is success, 2 is bad input (named in one line on stderr), 1 is a fai
 
 from __future__ import annotations
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning: on a shared, busy machine spinning threads slow
-# faiss searches down many times over. Set before faiss or torch load their OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import logging
 from typing import Any
@@ -25,6 +19,7 @@ from jobs._cli import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     job_parser,
+    passive_openmp,
     run_main,
     setup_logging,
     write_json_atomic,
@@ -140,6 +135,7 @@ def _print_results(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    passive_openmp()  # before faiss or torch is imported
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
