@@ -166,7 +166,7 @@ def test_scbch_and_rshnl_train_on_the_multilabel_hdf5_layout(tmp_path):
     uri = str(tmp_path / "s" / "nus" / "v1")
     for method in ("scbch", "rshnl"):
         cfg = TrainConfig(
-            dataset=uri, method=method, bits=16, hidden_dim=16, epochs=3, warmup_epochs=1,
+            dataset=uri, method=method, bits=32, hidden_dim=64, epochs=3, warmup_epochs=1,
             batch_size=16, lr=1e-3, scbch_k=5, eval_top_k=10,
         )  # fmt: skip
         s = train_in_process(cfg)
