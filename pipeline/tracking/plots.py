@@ -55,7 +55,7 @@ def _warmup_line(ax: Any, warmup_epochs: int | None) -> None:
         ax.text(
             warmup_epochs + 0.5,
             0.98,
-            " SPL on",
+            " weighting on",
             transform=ax.get_xaxis_transform(),
             va="top",
             fontsize=8,
@@ -184,9 +184,9 @@ def plot_weight_density(history: dict[str, Any], path: Path, *, panels: int = 8)
         ax.legend(fontsize=7)
     for ax in axes[len(pick) :]:
         ax.set_visible(False)
-    fig.supxlabel("SPL weight v")
+    fig.supxlabel("pair weight w_i")
     fig.supylabel("density")
-    fig.suptitle("SPL weight density per epoch: clean vs noisy labels")
+    fig.suptitle("Pair weight density per epoch: clean vs noisy labels")
     return _save(fig, path)
 
 
@@ -197,7 +197,7 @@ def plot_noise_detection(
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
     for key, label in (
-        ("noise_precision", "precision (weight 0 ⇒ noisy)"),
+        ("noise_precision", "precision of the flagged items (low weight ⇒ noisy)"),
         ("noise_recall", "recall of noisy items"),
         ("zero_weight_share", "share of items with weight 0"),
     ):
@@ -205,7 +205,7 @@ def plot_noise_detection(
             x, y = _epochs(history, key)
             ax.plot(x, y, marker="o", ms=3, label=label)
     _warmup_line(ax, warmup_epochs)
-    ax.set(xlabel="epoch", ylabel="value", ylim=(-0.02, 1.02), title="Noise detection by SPL")
+    ax.set(xlabel="epoch", ylabel="value", ylim=(-0.02, 1.02), title="Noise detection by weight")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
