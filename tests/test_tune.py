@@ -173,3 +173,20 @@ def test_sweep_from_yaml_flags_over_the_file_and_bad_keys(tmp_path):
         sweep_from_yaml(str(path), {"dataset": "x"}, {})
     with pytest.raises(ConfigError, match="--resume needs the --name"):
         sweep_from_yaml(None, {"dataset": "x"}, {}, resume=True)
+
+
+def test_the_mixture_weighting_gets_its_own_default_space(tmp_path):
+    from pipeline.experiments.tune import sweep_from_yaml
+
+    path = tmp_path / "m.yaml"
+    path.write_text("weighting: mixture\ntau_center: 0.2\n")
+    s = sweep_from_yaml(str(path), {"dataset": "x"}, {})
+    # w_i = P(clean | ℓ_i) uses no γ: no γ share to search, τ of Eq 4 instead
+    assert "gamma_fraction" not in s.space and s.space["tau_center"]["type"] == "loguniform"
+    assert {"r", "alpha", "warmup_epochs"} <= set(s.space)
+    cfg = trial_config(s.base, {"tau_center": 0.35, "r": 0.05})
+    assert (cfg.tau_center, cfg.r, cfg.weighting) == (0.35, 0.05, "mixture")
+    with pytest.raises(ConfigError, match="--mode gamma grids over Eq 12's γ"):
+        sweep_from_yaml(str(path), {"dataset": "x"}, {"mode": "gamma"})
+    # the paper's weighting keeps the γ share
+    assert "gamma_fraction" in sweep_from_yaml(None, {"dataset": "x"}, {}).space

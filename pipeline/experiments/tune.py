@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig, read_yaml
 from pipeline.method.bounds import ell_max
 from pipeline.tracking import runs as tracking
@@ -34,6 +32,13 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "gamma_fraction": {"type": "uniform", "low": 0.005, "high": 0.995},
     "alpha": {"type": "loguniform", "low": 1e-2, "high": 1.0},
     "warmup_epochs": {"type": "randint", "low": 0, "high": 20},
+}
+# The loss-mixture weighting (w_i = P(clean | ℓ_i)) has no γ; its knob is τ of Eq 4.
+MIXTURE_SPACE: dict[str, dict[str, Any]] = {
+    "r": DEFAULT_SPACE["r"],
+    "alpha": DEFAULT_SPACE["alpha"],
+    "warmup_epochs": DEFAULT_SPACE["warmup_epochs"],
+    "tau_center": {"type": "loguniform", "low": 0.05, "high": 1.0},
 }
 SCBCH_SPACE: dict[str, dict[str, Any]] = {
     "scbch_alpha": {"type": "loguniform", "low": 0.1, "high": 3.0},
@@ -53,9 +58,12 @@ _SPACE_KEYS = {"gamma_fraction"} | {
 }
 
 
-def default_space(method: str) -> dict[str, dict[str, Any]]:
-    """The search space of the paper's sensitivity study (RSHNL) or of SCBCH's weights."""
-    return dict(SCBCH_SPACE if method == "scbch" else DEFAULT_SPACE)
+def default_space(method: str, weighting: str = "spl") -> dict[str, dict[str, Any]]:
+    """The search space of the paper's sensitivity study (RSHNL with Eq 12's γ as a share of
+    ℓmax), of the loss-mixture weighting (no γ; τ of Eq 4 instead), or of SCBCH's weights."""
+    if method == "scbch":
+        return dict(SCBCH_SPACE)
+    return dict(MIXTURE_SPACE if weighting == "mixture" else DEFAULT_SPACE)
 
 
 @dataclass
@@ -96,6 +104,10 @@ class SweepConfig:
         for k, spec in self.space.items():
             if spec.get("type") not in ("uniform", "loguniform", "randint", "choice", "fixed"):
                 raise ConfigError(f"search space '{k}': type {spec.get('type')!r} is not known")
+        if self.mode == "gamma" and self.base.weighting not in ("spl", "hard"):
+            raise ConfigError(
+                f"--mode gamma grids over Eq 12's γ; weighting {self.base.weighting!r} has none"
+            )
         if self.mode == "gamma" and not all(0 < f for f in self.gamma_fractions):
             raise ConfigError("gamma_fractions must be > 0 (γ = fraction × ℓmax(r))")
         self.base.validate()
@@ -108,15 +120,6 @@ class SweepConfig:
             )
             self.grace_period = self.base.epochs
         return self
-
-    @classmethod
-    def load_space(cls, path: str | None, method: str = "rshnl") -> dict[str, dict[str, Any]]:
-        """Defaults, updated key by key from a YAML file's ``search_space`` mapping."""
-        space = default_space(method)
-        if path:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-            space.update(data.get("search_space", {}))
-        return space
 
 
 def _domain(spec: dict[str, Any]):
@@ -202,7 +205,7 @@ def sweep_from_yaml(
     """A validated sweep from a YAML file (TrainConfig keys, ``search_space``, ``sweep``) with the
     given overrides on top (``None`` values are not overrides)."""
     data = read_yaml(path) if path else {}
-    space = default_space(str(data.get("method", "rshnl")))
+    space = default_space(str(data.get("method", "rshnl")), str(data.get("weighting", "spl")))
     space.update(data.pop("search_space", None) or {})
     sweep_data = data.pop("sweep", None) or {}
     known = {f.name for f in dataclasses.fields(SweepConfig)} - {"base", "space"}
