@@ -318,16 +318,7 @@ def write_noisy_copy(
         train[S.CLEAN_LABEL], mode, rate, seed, label_kind=kind, flip_map=flip_map
     )
 
-    def write_train(staging: _Staging, files: dict, layout: dict, counts: dict) -> None:
-        overlay = "train.labels.parquet"
-        files[overlay] = _write_labels(
-            staging, overlay, train[S.ITEM_ID], noisy, train[S.CLEAN_LABEL]
-        )
-        layout["train"]["labels"] = overlay
-
-    uri = _derived_copy(base, name, version, write_train, spec)
-    log.info("wrote noisy copy %s of %s: %s", uri, base.data_version, spec)
-    return uri
+    return _label_overlay_copy(base, name, version, train, noisy, spec, "noisy copy")
 
 
 def write_label_copy(
@@ -356,15 +347,32 @@ def write_label_copy(
         source=f"labels for a copy of {base.uri}",
     )
 
+    return _label_overlay_copy(
+        base, name, version, train, label.astype(np.uint8), noise, "label copy"
+    )
+
+
+def _label_overlay_copy(
+    base: DatasetVersion,
+    name: str,
+    version: int | None,
+    train: dict[str, np.ndarray],
+    label: np.ndarray,
+    noise: dict[str, Any],
+    what: str,
+) -> str:
+    """A derived version whose train split is a label overlay (``label`` in the base's row
+    order, the base's clean labels) on the base's feature file."""
+
     def write_train(staging: _Staging, files: dict, layout: dict, counts: dict) -> None:
         overlay = "train.labels.parquet"
         files[overlay] = _write_labels(
-            staging, overlay, train[S.ITEM_ID], label.astype(np.uint8), train[S.CLEAN_LABEL]
+            staging, overlay, train[S.ITEM_ID], label, train[S.CLEAN_LABEL]
         )
         layout["train"]["labels"] = overlay
 
     uri = _derived_copy(base, name, version, write_train, noise)
-    log.info("wrote label copy %s of %s: %s", uri, base.data_version, noise)
+    log.info("wrote %s %s of %s: %s", what, uri, base.data_version, noise)
     return uri
 
 

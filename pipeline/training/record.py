@@ -75,7 +75,6 @@ class RunRecord:
         self.valid_map: dict[str, float] = {}  # of the last recorded epoch
         self.best_valid_map: dict[str, float] = {}  # of the best epoch recorded by this process
         self.detection: dict[str, float] = {}
-        self.noisy_of_items = np.zeros(0, dtype=bool)
 
     def record(
         self,
@@ -94,7 +93,7 @@ class RunRecord:
         det, noisy = epoch_detection(
             self.ref, res.item_id, weights, res.ell, detection_threshold(cfg)
         )
-        self.valid_map, self.detection, self.noisy_of_items = vmap, det, noisy
+        self.valid_map, self.detection = vmap, det
         score = checkpoint_score(vmap["mean"], epoch + 1)
         improved = score > self.best_score
         if improved:
