@@ -1,4 +1,5 @@
-"""The per-worker training loop: the only module that touches ``ray.train``.
+"""The Ray Train worker: data shard, epochs, gathers across ranks, checkpoints and reports
+(``ray.train`` stays in ``pipeline/training``; the driver is :mod:`pipeline.training.trainer`).
 
 The step itself (``compute_loss``) is plain PyTorch plus ``torch.distributed`` so that it can be
 checked outside Ray against a single-process run on the concatenated batch.
