@@ -22,22 +22,26 @@ def plain_loop_seconds(
     """Seconds per epoch of the training epoch the Ray workers run, in one process, no eval."""
     import torch
 
-    from pipeline.training.epoch import train_epoch
+    from pipeline.training.epoch import epoch_pair_weights, next_mixture, train_epoch
     from pipeline.training.inprocess import prepare_in_memory
 
     torch.set_num_threads(threads)
     run = prepare_in_memory(cfg, device)
-    out = []
+    out, mixture = [], None
     for epoch in range(epochs):
-        t0 = time.perf_counter()
+        pair_weights = epoch_pair_weights(run.model, run.arrays, run.cfg, epoch, device)
+        t0 = time.perf_counter()  # the step phases only, as in the Ray worker's "train" time
         res = train_epoch(
             run.model,
             run.optimizer,
             run.shard.batches(run.cfg.batch_size, run.cfg.seed, epoch),
             run.cfg,
             epoch,
+            mixture=mixture,
+            pair_weights=pair_weights,
         )
         out.append(time.perf_counter() - t0)
+        mixture = next_mixture(run.cfg, res.ell, mixture)
         log.info(
             "plain loop epoch %d/%d %.3fs loss %.4f (%s%s)",
             epoch + 1,

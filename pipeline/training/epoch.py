@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.method.losses import LossMixture
+from pipeline.method.losses import LossMixture, fit_loss_mixture
 from pipeline.training.data import local_shuffle_seed
-from pipeline.training.step import compute_loss
+from pipeline.training.step import compute_loss, needs_loss_mixture, train_set_reliability
 
 Batch = dict[str, torch.Tensor]
 
@@ -88,6 +88,29 @@ class PairWeights:
     def lookup(self, item_id: torch.Tensor) -> torch.Tensor:
         pos = torch.searchsorted(self.sorted_ids, item_id.cpu())
         return self.weights[pos]
+
+
+def epoch_pair_weights(
+    model: torch.nn.Module,
+    rows: dict[str, np.ndarray] | None,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device | str,
+) -> PairWeights | None:
+    """SCBCH's reliability weights of every training item (``rows``: the whole train split's
+    item_id, image, text, label) for this epoch; None in warm-up and for RSHNL."""
+    if rows is None or cfg.method != "scbch" or epoch < cfg.warmup_epochs:
+        return None
+    w = train_set_reliability(model, rows["image"], rows["text"], rows["label"], cfg, device)
+    return PairWeights.of(rows["item_id"], w)
+
+
+def next_mixture(
+    cfg: TrainConfig, ell: np.ndarray, current: LossMixture | None
+) -> LossMixture | None:
+    """The loss mixture the next epoch uses, fitted on this epoch's ℓ_i of the whole training
+    set (the same on every rank), when the config needs one."""
+    return fit_loss_mixture(ell) if needs_loss_mixture(cfg) and ell.size else current
 
 
 @dataclass

@@ -19,7 +19,6 @@ import torch
 from feature_store import schema as S
 from feature_store.store import DatasetVersion, open_dataset
 from pipeline.config import TrainConfig
-from pipeline.method.losses import fit_loss_mixture
 from pipeline.method.model import HashModel, fixed_centers
 from pipeline.method.suspects import (
     DETECTION_KEYS,
@@ -28,16 +27,14 @@ from pipeline.method.suspects import (
 )
 from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.training.data import feature_normalisation
-from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
+from pipeline.training.epoch import MemoryShard, epoch_pair_weights, next_mixture, train_epoch
 from pipeline.training.final_eval import final_evaluation
 from pipeline.training.guards import TrainingError
 from pipeline.training.record import RunRecord
 from pipeline.training.step import (
     build_model,
     epoch_gamma,
-    needs_loss_mixture,
     seed_everything,
-    train_set_reliability,
 )
 from pipeline.training.train_loop import resolve_keep_rate
 
@@ -100,10 +97,7 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
     mixture, result = None, None
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        pair_weights = None
-        if cfg.method == "scbch" and epoch >= cfg.warmup_epochs:
-            w_rows = train_set_reliability(model, a[S.IMAGE], a[S.TEXT], a[S.LABEL], cfg, dev)
-            pair_weights = PairWeights.of(a[S.ITEM_ID], w_rows)
+        pair_weights = epoch_pair_weights(model, a, cfg, epoch, dev)
         gamma = epoch_gamma(cfg, mixture)
         result = train_epoch(
             model,
@@ -114,8 +108,7 @@ def train_in_process(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
             mixture=mixture,
             pair_weights=pair_weights,
         )
-        if needs_loss_mixture(cfg):
-            mixture = fit_loss_mixture(result.ell)  # used by the next epoch
+        mixture = next_mixture(cfg, result.ell, mixture)
         train_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         _, improved = record.record(

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from feature_store.store import open_dataset
 from pipeline.config import TrainConfig
-from pipeline.method.losses import LossMixture, fit_loss_mixture
+from pipeline.method.losses import LossMixture
 from pipeline.method.model import HashModel, fixed_centers
 from pipeline.method.suspects import (
     DETECTION_KEYS,
@@ -42,7 +42,7 @@ from pipeline.method.weights import (
 )
 from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.training.data import local_shuffle_seed
-from pipeline.training.epoch import MemoryShard, PairWeights, train_epoch
+from pipeline.training.epoch import MemoryShard, epoch_pair_weights, next_mixture, train_epoch
 from pipeline.training.record import RunRecord, empty_history
 from pipeline.training.step import (
     arch_of,
@@ -51,9 +51,7 @@ from pipeline.training.step import (
     center_checksum,
     epoch_gamma,
     is_distributed,
-    needs_loss_mixture,
     seed_everything,
-    train_set_reliability,
 )
 
 log = logging.getLogger("pipeline.train")
@@ -264,13 +262,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
         timer = _Timer()
         t_epoch = time.perf_counter()
         gamma = epoch_gamma(cfg, mixture)
-        pair_weights = None
-        if train_rows is not None and epoch >= cfg.warmup_epochs:
-            t0 = time.perf_counter()
-            w_rows = train_set_reliability(
-                core, train_rows["image"], train_rows["text"], train_rows["label"], cfg, device
-            )
-            pair_weights = PairWeights.of(train_rows["item_id"], w_rows)
+        t0 = time.perf_counter()
+        pair_weights = epoch_pair_weights(core, train_rows, cfg, epoch, device)
+        if pair_weights is not None:
             timer.add("reliability", time.perf_counter() - t0)
         if memory is not None:
             batches: Any = memory.batches(local_bs, cfg.seed, epoch, rank)
@@ -313,8 +307,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             checksums = [g[2] for g in gathered]
             ell = np.concatenate([g[3] for g in gathered])
             predicted = np.concatenate([g[4] for g in gathered])
-        if needs_loss_mixture(cfg) and ell.size:
-            mixture = fit_loss_mixture(ell)  # the whole training set's ℓ_i, for the next epoch
+        mixture = next_mixture(cfg, ell, mixture)  # every rank fits the gathered ℓ_i
         timer.add("gather", time.perf_counter() - t0)
         seconds.append(timer.t.get("data_wait", 0.0) + timer.t.get("step", 0.0))
 
