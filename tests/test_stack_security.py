@@ -129,9 +129,34 @@ def test_stop_reports_a_port_still_listening(tmp_path):
         port = s.getsockname()[1]
         (state / "ports").write_text(f"{port}\n")
         (state / "stack.env").write_text("x")
-        assert stop.stop(state) == 1
+        assert stop.stop(state, port_timeout=0.5) == 1
         assert (state / "stack.env").exists()  # kept, so that down.sh can be run again
-    assert stop.stop(state) == 0 and not (state / "stack.env").exists()
+    assert stop.stop(state, port_timeout=0.5) == 0 and not (state / "stack.env").exists()
+
+
+def test_stop_waits_for_a_port_that_closes_late(tmp_path):
+    """A socket released a moment after the processes exit (a dying process's last threads)."""
+    import socket
+    import threading
+
+    stop = _load_stop()
+    state = tmp_path / "state"
+    state.mkdir()
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    (state / "ports").write_text(f"{s.getsockname()[1]}\n")
+    (state / "stack.env").write_text("x")
+    closer = threading.Timer(1.0, s.close)
+    closer.start()
+    t0 = time.monotonic()
+    try:
+        assert stop.stop(state, port_timeout=10.0) == 0
+    finally:
+        closer.cancel()
+        s.close()
+    assert 0.9 < time.monotonic() - t0 < 10.0
+    assert not (state / "stack.env").exists()
 
 
 def test_stop_rejects_a_file_as_state_dir(tmp_path, capsys):

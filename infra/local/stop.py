@@ -33,6 +33,8 @@ STATE_FILES = (
 )
 # A recorded session's leader starts just before its pid file is written; the margin covers clocks.
 CLOCK_SLACK_S = 5.0
+# How long a recorded port may stay listening after the stack's processes have exited.
+PORT_CLOSE_S = 20.0
 
 
 def recorded_sessions(state: Path) -> dict[int, float]:
@@ -118,6 +120,20 @@ def listening(ports: list[int]) -> dict[int, int | None]:
     return found
 
 
+def _wait_ports_closed(ports: list[int], timeout: float) -> dict[int, int | None]:
+    """Wait until none of ``ports`` listens; return those still listening after ``timeout`` s.
+
+    A killed multi-threaded process shows as a zombie once its main thread has exited, while its
+    other threads may still hold its sockets for a moment (psutil then names no pid for them).
+    """
+    deadline = time.monotonic() + timeout
+    open_ports = listening(ports)
+    while open_ports and time.monotonic() < deadline:
+        time.sleep(0.2)
+        open_ports = listening(ports)
+    return open_ports
+
+
 def _signal(procs: list[psutil.Process], kill: bool) -> None:
     for p in procs:
         try:
@@ -126,8 +142,11 @@ def _signal(procs: list[psutil.Process], kill: bool) -> None:
             pass
 
 
-def stop(state: Path, timeout: float = 15.0) -> int:
-    """Terminate the stack's processes (SIGKILL after ``timeout`` s); 0 when nothing is left."""
+def stop(state: Path, timeout: float = 15.0, port_timeout: float = PORT_CLOSE_S) -> int:
+    """Terminate the stack's processes (SIGKILL after ``timeout`` s); 0 when nothing is left.
+
+    A recorded port may take up to ``port_timeout`` s to close after its process has exited.
+    """
     procs = stack_processes(state)
     _signal(procs, kill=False)
     alive = _wait_gone(procs, timeout)
@@ -138,7 +157,7 @@ def stop(state: Path, timeout: float = 15.0) -> int:
     _signal(late, kill=True)
     _wait_gone(late, 10)
     left = stack_processes(state)
-    open_ports = listening(recorded_ports(state))
+    open_ports = _wait_ports_closed(recorded_ports(state), port_timeout)
     if left or open_ports:
         if left:
             log.error("still running: %s", sorted(p.pid for p in left))
