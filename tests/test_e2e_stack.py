@@ -430,7 +430,10 @@ def test_stack_end_to_end(stack, monkeypatch):
     assert pull.returncode == 0, pull.stderr[-2000:]
     p = json.loads(pulled.read_text())
     assert p["k"] == 5 and p["queries"]["count"] > 0 and p["results"]
-    assert 0.0 <= p["metrics"]["map"]["expected"] <= 1.0  # test labels exist: MAP is reported
+    # The pulled champion, encoded and searched by jobs.pull, scores what training reported for
+    # it: same test protocol (image queries against database texts), same tie rule.
+    assert p["queries"]["modality"] == "image" and p["database"]["modality"] == "text"
+    assert p["metrics"]["map"]["index"] == pytest.approx(s["test_map"]["i2t"], abs=1e-4)
 
     # The README's way: `ray job submit` with the exported token and the stack's runtime env.
     bad_id = f"e2e-bad-{uuid.uuid4().hex[:8]}"
