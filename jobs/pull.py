@@ -24,6 +24,7 @@ from jobs._cli import (
     setup_logging,
     write_json_atomic,
 )
+from pipeline.retrieval.index import KINDS
 from pipeline.retrieval.search import MODALITIES
 from pipeline.tracking.pull import PullError, run_pull
 
@@ -69,10 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="results per query (10)")
     p.add_argument(
         "--index",
-        choices=("flat", "hash", "mih"),
-        default="flat",
-        help="flat: exact (faiss IndexBinaryFlat); hash: IndexBinaryHash; mih: multi-index "
-        "hashing (both approximate, for large databases)",
+        choices=KINDS,
+        default=None,
+        help="default: the index recorded with the model (auto unless its config's "
+        "search_index says otherwise); flat: exact (faiss IndexBinaryFlat); ivf: IndexBinaryIVF; "
+        "hash: IndexBinaryHash; mih: multi-index hashing (the last three approximate, for large "
+        "databases); auto: flat below --exact-below codes, else ivf",
+    )
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ≈ √N)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
+    p.add_argument(
+        "--exact-below",
+        type=int,
+        default=None,
+        help="--index auto: the exact scan below this many database codes (1000000)",
     )
     p.add_argument("--hash-bits", type=int, default=None, help="bits hashed by --index hash")
     p.add_argument("--mih-tables", type=int, default=None, help="tables of --index mih")
@@ -97,6 +108,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PullError(f"--max-queries must be ≥ 0, got {args.max_queries}")
     if args.show < 0:
         raise PullError(f"--show must be ≥ 0, got {args.show}")
+    for flag in ("nlist", "nprobe", "hash_bits", "mih_tables"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise PullError(f"--{flag.replace('_', '-')} must be ≥ 1, got {v}")
+    for flag in ("nflip", "exact_below"):
+        v = getattr(args, flag)
+        if v is not None and v < 0:
+            raise PullError(f"--{flag.replace('_', '-')} must be ≥ 0, got {v}")
 
 
 def _print_results(summary: dict[str, Any]) -> None:
@@ -155,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             hash_bits=args.hash_bits,
             mih_tables=args.mih_tables,
             nflip=args.nflip,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            exact_below=args.exact_below,
             labels=args.labels,
             show=args.show,
             results=args.results,

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from pipeline.retrieval import metrics as E
-from pipeline.retrieval.index import HammingIndex
+from pipeline.retrieval.index import (
+    EXACT_BELOW,
+    HammingIndex,
+    IndexSpec,
+    choose_kind,
+    default_nlist,
+    default_nprobe,
+)
 
 
 def _codes(seed: int, n: int, bits: int) -> np.ndarray:
@@ -96,6 +103,105 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="empty"):
         HammingIndex().search(db[:2], 1)
     with pytest.raises(ValueError, match="kind"):
-        HammingIndex(db, kind="ivf")  # type: ignore[arg-type]
+        HammingIndex(db, kind="ivfpq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="uint8"):
         HammingIndex(db, packed=True, bits=16)
+
+
+def _clustered(seed: int, n: int, bits: int, centers: int, flip: float) -> np.ndarray:
+    """±1 codes around ``centers`` random centres (seed 0), bits flipped with prob ``flip``."""
+    c = np.where(np.random.default_rng(0).random((centers, bits)) < 0.5, 1, -1)
+    rng = np.random.default_rng(seed)
+    x = c[rng.integers(0, centers, n)]
+    return np.where(rng.random((n, bits)) < flip, -x, x).astype(np.int8)
+
+
+def _check_exact_up_to_ties(d, i, want_d, want_i, db, q):
+    """Distances equal the brute force's; ids differ only among codes tied at the k-th."""
+    assert np.array_equal(d, want_d)
+    true = (q[:, None, :] != db[None, :, :]).sum(-1)
+    assert np.array_equal(np.take_along_axis(true, i, 1), d)  # reported = true distances
+    for row in range(len(q)):
+        assert len(set(i[row].tolist())) == i.shape[1]  # no duplicates
+        dk = want_d[row, -1]
+        assert set(i[row][d[row] < dk]) == set(want_i[row][want_d[row] < dk])
+        keys = d[row].astype(np.int64) * len(db) + i[row]
+        assert (np.diff(keys) > 0).all()  # sorted by distance, then id
+
+
+@pytest.mark.parametrize(("bits", "nlist", "k"), [(64, 16, 30), (32, 7, 100), (128, 1, 5)])
+def test_ivf_probing_every_list_is_the_exact_scan(bits, nlist, k):
+    db = _clustered(1, 1200, bits, centers=12, flip=0.15)
+    q = _clustered(2, 40, bits, centers=12, flip=0.15)
+    index = HammingIndex(db, kind="ivf", nlist=nlist, nprobe=nlist, seed=3)
+    assert index.params == {
+        "kind": "ivf",
+        "nlist": nlist,
+        "nprobe": nlist,
+        "train_size": min(1200, 40 * nlist),
+        "seed": 3,
+    }
+    d, i = index.search(q, k)
+    assert d.dtype == np.int32 and i.dtype == np.int64 and d.shape == (40, k)
+    _check_exact_up_to_ties(d, i, *_brute(q, db, k), db, q)
+
+
+def test_ivf_added_in_parts_and_packed_input_stay_exact():
+    db = _clustered(4, 900, 64, centers=9, flip=0.1)
+    q = _clustered(5, 20, 64, centers=9, flip=0.1)
+    index = HammingIndex(E.pack_codes(db[:600]), kind="ivf", packed=True, bits=64, nlist=8)
+    index.add(E.pack_codes(db[600:]))
+    index.set_nprobe(100)  # clamped to nlist
+    assert index.ntotal == 900 and index.params["nprobe"] == 8
+    d, i = index.search(E.pack_codes(q), 25)
+    _check_exact_up_to_ties(d, i, *_brute(q, db, 25), db, q)
+
+
+def test_ivf_few_probes_pads_short_rows_and_is_seeded():
+    db = _clustered(6, 800, 32, centers=8, flip=0.05)
+    q = _clustered(7, 30, 32, centers=8, flip=0.05)
+    a = HammingIndex(db, kind="ivf", nlist=8, nprobe=1, seed=0)
+    d, i = a.search(q, 800)  # one list holds far fewer than all 800 codes
+    pad = i < 0
+    assert pad.any(axis=1).all()
+    assert (d[pad] == -1).all() and (d[~pad] >= 0).all()
+    assert (np.diff(pad.astype(int), axis=1) >= 0).all()  # pads only at the end of a row
+    true = E.hamming_distances(q, db)
+    assert np.array_equal(np.take_along_axis(true, np.maximum(i, 0), 1)[~pad], d[~pad])
+    b = HammingIndex(db, kind="ivf", nlist=8, nprobe=1, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a.search(q, 50), b.search(q, 50), strict=True))
+    with pytest.raises(ValueError, match="nprobe"):
+        HammingIndex(db).set_nprobe(2)
+
+
+def test_auto_keeps_the_exact_scan_below_the_threshold():
+    assert choose_kind(EXACT_BELOW - 1) == "flat" and choose_kind(EXACT_BELOW) == "ivf"
+    assert choose_kind(10, exact_below=10) == "ivf" and choose_kind(9, exact_below=10) == "flat"
+    db = _clustered(8, 500, 32, centers=5, flip=0.1)
+    assert HammingIndex(db, kind="auto").kind == "flat"  # 500 < EXACT_BELOW
+    small = HammingIndex(db, kind="auto", exact_below=501)
+    large = HammingIndex(db, kind="auto", exact_below=500)
+    assert small.kind == "flat" and large.kind == "ivf"
+    assert IndexSpec().resolved_kind(500) == "flat"
+    assert IndexSpec(kind="auto", exact_below=100).build(db).kind == "ivf"
+    assert [default_nlist(n) for n in (1, 3, 1000, 10**6, 10**7)] == [1, 2, 32, 1024, 4096]
+    assert [default_nprobe(n) for n in (1, 8, 1024, 4096)] == [1, 8, 16, 64]
+
+
+def test_index_spec_round_trip_and_refusals():
+    spec = IndexSpec.from_dict({"kind": "ivf", "nlist": 64, "nprobe": 4, "seed": 2})
+    assert IndexSpec.from_dict(spec.to_dict()) == spec
+    assert IndexSpec.from_dict(None) == IndexSpec() and IndexSpec().kind == "auto"
+    assert spec.replace(kind="flat", nlist=None) == IndexSpec.from_dict(
+        {**spec.to_dict(), "kind": "flat"}
+    )
+    for bad, match in (
+        ({"kind": "pq"}, "kind"),
+        ({"nlist": 0}, "nlist"),
+        ({"nprobe": 2.5}, "nprobe"),
+        ({"exact_below": -1}, "exact_below"),
+        ({"nprobes": 3}, "unknown"),
+        ({"seed": True}, "seed"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            IndexSpec.from_dict(bad)

@@ -19,6 +19,7 @@ from feature_store.store import open_dataset
 from jobs._cli import run_main
 from jobs.pull import main
 from pipeline.retrieval import metrics as evaluate
+from pipeline.retrieval.index import IndexSpec
 from pipeline.tracking.pull import PullError, model_uri
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,13 +96,15 @@ def test_pull_end_to_end_in_a_fresh_interpreter_without_ray(registry, tmp_path):
 
 
 def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys):
-    for kind in ("hash", "mih"):
+    for kind in ("hash", "mih", "ivf"):
         out = tmp_path / f"{kind}.json"
         argv = ["--model", f"{NAME}/1", "--tracking-uri", registry["tracking_uri"]]
         argv += ["--index", kind, "--k", "3", "--show", "0", "--summary-json", str(out)]
         assert main(argv) == 0
         s = json.loads(out.read_text())
-        assert s["index"] == {"kind": kind, "ntotal": 48} and s["model"]["version"] == "1"
+        assert s["index"]["kind"] == s["index"]["params"]["kind"] == kind
+        assert s["index"]["ntotal"] == 48 and s["model"]["version"] == "1"
+        assert s["index"]["recorded"]["kind"] == "auto"  # registered without a search_index
         assert 0.0 <= s["metrics"]["search_precision_at_k"] <= 1.0
     assert "MAP image→text" in capsys.readouterr().out
 
@@ -275,3 +278,93 @@ def test_pull_never_unpickles_the_stored_python_model(tmp_path, tiny_dataset):
     assert main([*argv, "--summary-json", str(summary)]) == 0  # ... jobs.pull does not
     assert not marker.exists()
     assert json.loads(summary.read_text())["results"]
+
+
+def _register_with_index(root: Path, name: str, dataset: str, uri: str, search_index: dict) -> None:
+    """Register a small untrained model whose config records ``search_index``."""
+    import torch
+
+    from pipeline.method.model import RSHNLModel
+    from pipeline.tracking import runs as tracking
+    from pipeline.tracking.serving import WEIGHTS, save_model_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    arch = {"image_dim": 24, "text_dim": 16, "num_classes": 6, "bits": 16, "hidden": 32}
+    save_model_file(root / WEIGHTS, RSHNLModel(**arch), arch, {"epoch": 1})
+    config = {
+        "bits": 16,
+        "method": "rshnl",
+        "dataset": dataset,
+        "data_version": "tiny/v1@000000000000",
+        "search_index": search_index,
+    }
+    run_id = tracking.start_run(uri, "tests", "run-index", config, {})
+    final = {"best_valid_map": {"i2t": 0.5, "t2i": 0.5, "mean": 0.5}, "best_epoch": 1}
+    tracking.finish_run(
+        uri,
+        run_id,
+        config=config,
+        manifest={"name": "tiny", "version": 1},
+        final_metrics=final,
+        model_dir=root,
+        registered_model_name=name,
+    )
+
+
+def test_index_recorded_with_the_model_is_what_pull_uses(tmp_path_factory, tiny_dataset):
+    from pipeline.tracking.serving import load_model_dir
+
+    uri = shared_tracking_uri(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("pull-index")
+    recorded = {"kind": "ivf", "nlist": 4, "nprobe": 4, "seed": 5}
+    _register_with_index(tmp / "reg", "pull-ivf", tiny_dataset, uri, recorded)
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts("models:/pull-ivf/1", dst_path=str(tmp / "dl"))
+    model, mlmodel = load_model_dir(local)  # the spec travels in the model directory
+    want = {**IndexSpec().to_dict(), **recorded}
+    assert model.index == want and mlmodel["metadata"]["search_index"] == want
+
+    def pull(name: str, *extra: str) -> dict:
+        out, res = tmp / f"{name}.json", tmp / f"{name}.npz"
+        argv = ["--model", "pull-ivf@champion", "--tracking-uri", uri, "--k", "20", "--show", "0"]
+        assert main([*argv, "--results", str(res), "--summary-json", str(out), *extra]) == 0
+        return {**np.load(res), "summary": json.loads(out.read_text())}
+
+    ivf = pull("recorded")
+    s = ivf["summary"]["index"]
+    assert s["recorded"] == want and s["spec"] == want
+    assert s["params"] == {"kind": "ivf", "nlist": 4, "nprobe": 4, "train_size": 48, "seed": 5}
+    flat = pull("flat", "--index", "flat")
+    assert flat["summary"]["index"]["kind"] == "flat"
+    assert flat["summary"]["index"]["recorded"] == want
+    few = pull("few", "--nprobe", "1")
+    assert few["summary"]["index"]["params"]["nprobe"] == 1
+
+    # nprobe = nlist: the exact scan's distances, ids equal up to ties, against brute force
+    a = open_dataset(tiny_dataset).read_arrays("test", [S.ITEM_ID, S.IMAGE, S.TEXT])
+    img = model.encode(a[S.IMAGE].astype(np.float32), "image")
+    txt = model.encode(a[S.TEXT].astype(np.float32), "text")
+    true = (img[:, None, :] != txt[None, :, :]).sum(-1)
+    want_d = np.sort(true, axis=1)[:, :20]
+    assert np.array_equal(ivf["distances"], want_d)
+    assert np.array_equal(flat["distances"], want_d)
+    pos = {int(v): j for j, v in enumerate(a[S.ITEM_ID])}
+    for row in range(len(img)):
+        got = [pos[int(v)] for v in ivf["ids"][row]]
+        assert np.array_equal(true[row, got], want_d[row])
+        assert len(set(got)) == 20
+        dk = want_d[row, -1]
+        assert {j for j in got if true[row, j] < dk} == set(np.flatnonzero(true[row] < dk))
+
+
+def test_bad_index_flags_and_recorded_specs_are_refused(registry, caplog):
+    msg = _bad_input(caplog, _args(registry, "--nprobe", "0"))
+    assert msg == "bad input: --nprobe must be ≥ 1, got 0"
+    msg = _bad_input(caplog, _args(registry, "--exact-below", "-3"))
+    assert msg == "bad input: --exact-below must be ≥ 0, got -3"
+    from pipeline.tracking.pull import PulledModel
+
+    bad = PulledModel(uri="models:/x/1", pyfunc=None, arch={"bits": 8}, index={"kind": "pq"})
+    with pytest.raises(PullError, match="models:/x/1 records a bad search index"):
+        _ = bad.index_spec

@@ -7,12 +7,24 @@ sorted by distance with ties broken by database index (the ``ties="index"`` conv
 
 Kinds: ``"flat"`` is exact (faiss ``IndexBinaryFlat``; a chunked NumPy search when faiss is not
 installed); ``"hash"`` (faiss ``IndexBinaryHash``) and ``"mih"`` (multi-index hashing, faiss
-``IndexBinaryMultiHash``) look only into buckets near the query's code, which is much faster on
-large databases but approximate: a query may get fewer than k results (id −1, distance −1 pad).
+``IndexBinaryMultiHash``) look only into buckets near the query's code, and ``"ivf"`` (faiss
+``IndexBinaryIVF``: k-means cells trained on a seeded sample, ``nprobe`` cells searched per query)
+only into the cells nearest to it; all three are much faster on large databases but approximate:
+a query may get fewer than k results (id −1, distance −1 pad). ``"ivf"`` rows are sorted by
+distance, then database index; with ``nprobe = nlist`` it scans everything and returns the exact
+distances (ids equal to the flat scan's up to ties at the k-th distance).
+
+``"auto"`` is the flat scan for databases below ``exact_below`` codes (:data:`EXACT_BELOW`) and
+``"ivf"`` above; :class:`IndexSpec` holds a kind with its parameters (what a registered model
+records, see :mod:`pipeline.tracking.serving`), :func:`choose_kind` the automatic choice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -25,8 +37,111 @@ from pipeline.retrieval.metrics import (
     unpack_codes,
 )
 
-IndexKind = Literal["flat", "hash", "mih"]
-KINDS: tuple[str, ...] = ("flat", "hash", "mih")
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["flat", "hash", "mih", "ivf", "auto"]
+KINDS: tuple[str, ...] = ("flat", "hash", "mih", "ivf", "auto")
+
+# Below this many database codes "auto" keeps the exact scan (docs/results/scale/search-10m.md).
+EXACT_BELOW = 1_000_000
+IVF_TRAIN_PER_LIST = 40  # training sample: this many codes per list (at most the database)
+IVF_NITER = 10  # k-means iterations of the IVF training
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` codes: the power of two nearest √n, at least 1 and at most n."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    return max(1, min(n, 1 << max(0, round(np.log2(np.sqrt(n))))))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists searched per query: nlist / 64, at least 8 (all of them when nlist ≤ 8)."""
+    return min(nlist, max(8, nlist // 64))
+
+
+def choose_kind(n: int, exact_below: int = EXACT_BELOW) -> str:
+    """``"flat"`` (exact) for fewer than ``exact_below`` database codes, else ``"ivf"``."""
+    return "flat" if n < exact_below else "ivf"
+
+
+def _opt_int(d: dict[str, Any], key: str, low: int) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+        raise ValueError(f"index '{key}' must be an integer ≥ {low}, got {v!r}")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """An index kind and its parameters (None: the kind's default for the database size)."""
+
+    kind: str = "auto"
+    exact_below: int = EXACT_BELOW
+    nlist: int | None = None
+    nprobe: int | None = None
+    train_size: int | None = None
+    seed: int = 0
+    hash_bits: int | None = None
+    tables: int | None = None
+    nflip: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> IndexSpec:
+        """A checked spec from a mapping (unknown keys and bad values raise ValueError)."""
+        d = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown index key(s) {unknown}; known: {sorted(known)}")
+        kind = d.get("kind", "auto")
+        if kind not in KINDS:
+            raise ValueError(f"index 'kind' must be one of {KINDS}, got {kind!r}")
+        exact_below = _opt_int(d, "exact_below", 0)
+        seed = _opt_int(d, "seed", 0)
+        return cls(
+            kind=str(kind),
+            exact_below=EXACT_BELOW if exact_below is None else exact_below,
+            nlist=_opt_int(d, "nlist", 1),
+            nprobe=_opt_int(d, "nprobe", 1),
+            train_size=_opt_int(d, "train_size", 1),
+            seed=0 if seed is None else seed,
+            hash_bits=_opt_int(d, "hash_bits", 1),
+            tables=_opt_int(d, "tables", 1),
+            nflip=_opt_int(d, "nflip", 0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready mapping (every field, None for defaults)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> IndexSpec:
+        """A copy with the non-None ``changes`` applied, checked."""
+        return IndexSpec.from_dict(
+            {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+        )
+
+    def resolved_kind(self, n: int) -> str:
+        """The concrete kind for a database of ``n`` codes (``"auto"`` resolved)."""
+        return choose_kind(n, self.exact_below) if self.kind == "auto" else self.kind
+
+    def build(self, db_codes: Any = None, **kw: Any) -> HammingIndex:
+        """A :class:`HammingIndex` of this spec (``"auto"`` resolved on the first codes)."""
+        return HammingIndex(
+            db_codes,
+            kind=self.kind,  # type: ignore[arg-type]
+            exact_below=self.exact_below,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            train_size=self.train_size,
+            seed=self.seed,
+            hash_bits=self.hash_bits,
+            tables=self.tables,
+            nflip=self.nflip,
+            **kw,
+        )
 
 
 class HammingIndex:
@@ -35,7 +150,11 @@ class HammingIndex:
     ``kind="hash"`` indexes the first ``hash_bits`` bits (default min(L, 24)) and probes buckets
     up to ``nflip`` bit flips away (default 2); ``kind="mih"`` splits codes into ``tables``
     substrings (default L // 16, at least 2) of ⌊L/tables⌋ bits each and probes up to ``nflip``
-    flips per table (default 1).
+    flips per table (default 1). ``kind="ivf"`` trains ``nlist`` k-means cells (default
+    :func:`default_nlist`, at most the first batch's size) on a sample of ``train_size`` codes
+    (default 40 per list) of the first batch added, drawn with ``seed``, and searches ``nprobe``
+    cells per query (default :func:`default_nprobe`). ``kind="auto"`` becomes ``"flat"`` or
+    ``"ivf"`` by the size of the first batch added (:func:`choose_kind` with ``exact_below``).
     """
 
     def __init__(
@@ -48,16 +167,29 @@ class HammingIndex:
         hash_bits: int | None = None,
         tables: int | None = None,
         nflip: int | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        train_size: int | None = None,
+        seed: int = 0,
+        exact_below: int = EXACT_BELOW,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
         if packed and not bits:
             raise ValueError("packed codes need bits=L")
-        self.kind = kind
+        for name, v in (("nlist", nlist), ("nprobe", nprobe), ("train_size", train_size)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {v}")
+        self.kind: str = kind
         self.packed_input = packed
         self._bits = bits
         self._hash_bits, self._tables, self._nflip = hash_bits, tables, nflip
+        self._nlist, self._nprobe, self._train_size = nlist, nprobe, train_size
+        self._seed, self._exact_below = int(seed), int(exact_below)
         self._index: Any = None
+        self._quantizer: Any = None
+        self._train_used = 0
+        self.train_seconds = 0.0  # IVF k-means training time of the build
         self._codes = np.zeros((0, 0), dtype=np.uint8)  # packed, for the NumPy search
         if db_codes is not None:
             self.add(db_codes)
@@ -103,10 +235,39 @@ class HammingIndex:
             )
         return np.ascontiguousarray(np.packbits(b, axis=1))
 
-    def _build(self) -> Any:
+    @property
+    def params(self) -> dict[str, Any]:
+        """The kind and the parameters in use (after the first codes were added)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        ix = self._index
+        if ix is None:
+            return out
+        if self.kind == "ivf":
+            out.update(nlist=int(ix.nlist), nprobe=int(ix.nprobe))
+            out.update(train_size=self._train_used, seed=self._seed)
+        elif self.kind == "hash":
+            out.update(hash_bits=int(ix.b), nflip=int(ix.nflip))
+        elif self.kind == "mih":
+            out.update(tables=int(ix.nhash), nflip=int(ix.nflip))
+        return out
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Cells an IVF index searches per query from now on (at most nlist)."""
+        if self.kind != "ivf" or self._index is None:
+            raise ValueError(f"nprobe applies to a built 'ivf' index, not {self.kind!r}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be ≥ 1, got {nprobe}")
+        self._index.nprobe = min(int(nprobe), int(self._index.nlist))
+
+    def _build(self, first: np.ndarray) -> Any:
         f = _faiss()
         L = self._bits
         assert L is not None
+        if self.kind == "auto":
+            self.kind = choose_kind(first.shape[0], self._exact_below)
+            log.info("index kind auto: %s for %d codes", self.kind, first.shape[0])
+        if self.kind == "ivf":
+            return self._build_ivf(f, first)
         if self.kind != "flat" and f is None:
             raise RuntimeError(f"index kind {self.kind!r} needs faiss (pip install faiss-cpu)")
         if f is None:
@@ -128,13 +289,36 @@ class HammingIndex:
         index.nflip = 1 if self._nflip is None else self._nflip
         return index
 
+    def _build_ivf(self, f: Any, first: np.ndarray) -> Any:
+        if f is None:
+            raise RuntimeError("index kind 'ivf' needs faiss (pip install faiss-cpu)")
+        n = first.shape[0]
+        nlist = min(self._nlist or default_nlist(n), n)
+        nprobe = min(self._nprobe or default_nprobe(nlist), nlist)
+        m = min(n, max(nlist, self._train_size or IVF_TRAIN_PER_LIST * nlist))
+        rng = np.random.default_rng(self._seed)
+        sample = first if m == n else first[np.sort(rng.choice(n, m, replace=False))]
+        d = 8 * first.shape[1]
+        quantizer = f.IndexBinaryFlat(d)
+        index = f.IndexBinaryIVF(quantizer, d, nlist)
+        index.cp.seed = self._seed
+        index.cp.niter = IVF_NITER
+        index.cp.max_points_per_centroid = max(1, -(-m // nlist))  # no faiss resampling
+        t0 = time.perf_counter()
+        index.train(np.ascontiguousarray(sample))
+        self.train_seconds = time.perf_counter() - t0
+        index.nprobe = nprobe
+        self._quantizer = quantizer  # the IVF index keeps a pointer, not a reference
+        self._train_used = int(m)
+        return index
+
     def add(self, codes: Any) -> None:
         """Append database codes; their ids continue from the current size."""
         p = self._pack(codes, "db_codes")
         if p.shape[0] == 0:
             return
         if self._index is None and self.ntotal == 0:
-            self._index = self._build()
+            self._index = self._build(p)
         if self._index is not None:
             self._index.add(p)
         else:
@@ -160,6 +344,8 @@ class HammingIndex:
             ids = ids.astype(np.int64, copy=False)
             if self.kind != "flat":
                 distances[ids < 0] = -1
+            if self.kind == "ivf":
+                distances, ids = _sort_by_distance_then_id(distances, ids, n)
             return distances, ids
         return self._numpy_search(q, int(k))
 
@@ -181,3 +367,13 @@ class HammingIndex:
             out_d[s:e] = keys // n
             out_i[s:e] = keys % n
         return out_d, out_i
+
+
+def _sort_by_distance_then_id(
+    distances: np.ndarray, ids: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows reordered by (distance, id) with −1 pads last."""
+    pad = ids < 0
+    keys = np.where(pad, np.iinfo(np.int64).max, distances.astype(np.int64) * (n + 1) + ids)
+    order = np.argsort(keys, axis=1, kind="stable")
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)

@@ -19,6 +19,7 @@ import numpy as np
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion
+from pipeline.retrieval.index import IndexSpec
 from pipeline.retrieval.protocol import eval_splits
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,15 @@ class Side:
 
 @dataclass
 class SearchResult:
-    """Top-k results: (nq, k) distances and database positions (−1 pads), and the timings."""
+    """Top-k results: (nq, k) distances and database positions (−1 pads), the index used (its
+    kind after ``"auto"`` and its parameters) and the timings."""
 
     distances: np.ndarray
     ids: np.ndarray
     ntotal: int
     build_seconds: float
     search_seconds: float
+    index: dict[str, Any]
 
 
 def default_splits(ds: DatasetVersion) -> tuple[str, str]:
@@ -164,14 +167,11 @@ def search(
     db: Side,
     k: int,
     *,
-    kind: str = "flat",
-    hash_bits: int | None = None,
-    tables: int | None = None,
-    nflip: int | None = None,
+    spec: IndexSpec | None = None,
 ) -> SearchResult:
-    """Top-``k`` database items of every query through a :class:`HammingIndex` of ``kind``."""
+    """Top-``k`` database items of every query through the :class:`HammingIndex` of ``spec``
+    (default: :class:`IndexSpec`, the exact scan below its ``exact_below`` codes, IVF above)."""
     from pipeline.retrieval import metrics as E
-    from pipeline.retrieval.index import HammingIndex
 
     if len(queries.ids) == 0:
         raise PullError(f"the query set is empty ({queries.source}, --max-queries)")
@@ -183,21 +183,21 @@ def search(
 
     E._faiss()  # load faiss outside the build timing
     t0 = time.perf_counter()
-    index = HammingIndex(db.codes, kind=kind, hash_bits=hash_bits, tables=tables, nflip=nflip)
+    index = (spec or IndexSpec()).build(db.codes)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     distances, ids = index.search(queries.codes, k)
     search_s = time.perf_counter() - t0
     log.info(
         "%s index over %d codes: built in %.3fs; top-%d of %d queries in %.3fs",
-        kind,
+        index.kind,
         index.ntotal,
         build_s,
         k,
         len(queries.ids),
         search_s,
     )
-    return SearchResult(distances, ids, index.ntotal, build_s, search_s)
+    return SearchResult(distances, ids, index.ntotal, build_s, search_s, index.params)
 
 
 def relevant_results(queries: Side, db: Side, ids: np.ndarray) -> np.ndarray | None:

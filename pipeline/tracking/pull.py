@@ -19,6 +19,7 @@ import numpy as np
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion
+from pipeline.retrieval.index import IndexSpec
 from pipeline.retrieval.search import (
     PullError,
     Side,
@@ -59,10 +60,19 @@ class PulledModel:
     alias: str | None = None
     run_id: str | None = None
     run_tags: dict[str, str] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bits(self) -> int:
         return int(self.arch["bits"])
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        """The search index recorded with the model (the default spec when none was)."""
+        try:
+            return IndexSpec.from_dict(self.index)
+        except ValueError as e:
+            raise PullError(f"model {self.uri} records a bad search index ({e})") from e
 
     @property
     def dataset(self) -> str:
@@ -154,6 +164,7 @@ def load_registered_model(ref: str, tracking_uri: str) -> PulledModel:
         alias=alias,
         run_id=run_id,
         run_tags=run_tags,
+        index=dict(getattr(inner, "index", {}) or {}),
     )
 
 
@@ -184,10 +195,13 @@ def run_pull(
     queries: str | None = None,
     max_queries: int | None = None,
     k: int = 10,
-    index: str = "flat",
+    index: str | None = None,
     hash_bits: int | None = None,
     mih_tables: int | None = None,
     nflip: int | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    exact_below: int | None = None,
     labels: str = S.LABEL,
     show: int = 5,
     results: str | None = None,
@@ -196,7 +210,10 @@ def run_pull(
 
     The database is ``db_split``'s ``db_modality`` features, the queries ``query_split``'s
     features of the other modality (or the .npy file ``queries``); the default splits are the
-    test protocol's. MAP and precision are computed when the queries have labels.
+    test protocol's. MAP and precision are computed when the queries have labels. The index is
+    the one recorded with the model (:attr:`PulledModel.index_spec`) with any of ``index``,
+    ``hash_bits``, ``mih_tables``, ``nflip``, ``nlist``, ``nprobe``, ``exact_below`` that is
+    given replacing its value.
     """
     from pipeline.tracking.runs import resolve_tracking_uri
 
@@ -212,6 +229,19 @@ def run_pull(
         model.bits,
         load_s,
     )
+    recorded = model.index_spec
+    try:
+        spec = recorded.replace(
+            kind=index,
+            hash_bits=hash_bits,
+            tables=mih_tables,
+            nflip=nflip,
+            nlist=nlist,
+            nprobe=nprobe,
+            exact_below=exact_below,
+        )
+    except ValueError as e:
+        raise PullError(str(e)) from e
     ds = model_dataset(model, dataset)
     q_mod = query_modality or ("image" if db_modality == "text" else "text")
     default_query, default_db = default_splits(ds)
@@ -228,7 +258,7 @@ def run_pull(
         q = encode_features(model, query_x, str(queries), q_mod)
     else:
         q = encode_split(model, ds, query_split, q_mod, label_column=labels, limit=max_queries)
-    found = search(q, db, k, kind=index, hash_bits=hash_bits, tables=mih_tables, nflip=nflip)
+    found = search(q, db, k, spec=spec)
     shown = shown_results(q, db, found, show)
     if results:
         save_results(results, q, db, found)
@@ -250,7 +280,13 @@ def run_pull(
         "database": {"source": db.source, "modality": db.modality, "size": len(db.ids)},
         "queries": {"source": q.source, "modality": q.modality, "count": len(q.ids)},
         "k": k,
-        "index": {"kind": index, "ntotal": found.ntotal},
+        "index": {
+            "kind": found.index["kind"],
+            "ntotal": found.ntotal,
+            "params": found.index,
+            "spec": spec.to_dict(),
+            "recorded": recorded.to_dict(),
+        },
         "seconds": {
             "load_model": load_s,
             "encode_database": db.seconds,

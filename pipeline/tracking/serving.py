@@ -2,8 +2,10 @@
 
 Loading it needs torch, numpy and mlflow only (no Ray). The model directory carries the weights of
 both hash heads and the class-center network (``model.pt``), the resolved training config
-(``config.yaml``), the dataset manifest (``dataset_manifest.json``) and the validation and test
-metrics (``metrics.json``).
+(``config.yaml``), the dataset manifest (``dataset_manifest.json``), the validation and test
+metrics (``metrics.json``) and the search index to use with its codes (``index.json``: the
+:class:`~pipeline.retrieval.index.IndexSpec` of the config's ``search_index``, parameters only,
+the index is rebuilt from the database codes; also in the MLmodel metadata as ``search_index``).
 
 Input, one of:
 
@@ -52,6 +54,7 @@ __all__ = [
 CONFIG = "config.yaml"
 MANIFEST = "dataset_manifest.json"
 METRICS = "metrics.json"
+INDEX = "index.json"
 OUTPUTS = ("codes", "packed", "both")
 
 
@@ -108,8 +111,9 @@ def split_input(model_input: Any, modality: str) -> list[tuple[np.ndarray, str, 
 class HashCodeModel(mlflow.pyfunc.PythonModel):
     """Encode one modality's features into ±1 hash codes and/or packed bytes (module docstring).
 
-    After loading, ``config``, ``manifest`` and ``metrics`` hold the training config, the
-    dataset manifest and the metrics; :meth:`hash_centers` gives the class hash centers.
+    After loading, ``config``, ``manifest``, ``metrics`` and ``index`` hold the training config,
+    the dataset manifest, the metrics and the recorded index spec (``{}`` for models logged
+    without one: the default spec); :meth:`hash_centers` gives the class hash centers.
     """
 
     def load_context(self, context: Any) -> None:
@@ -119,6 +123,7 @@ class HashCodeModel(mlflow.pyfunc.PythonModel):
         self.config: dict[str, Any] = {}
         self.manifest: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self.index: dict[str, Any] = {}
         arts = context.artifacts
         if "config" in arts:
             import yaml
@@ -128,6 +133,8 @@ class HashCodeModel(mlflow.pyfunc.PythonModel):
             self.manifest = json.loads(Path(arts["dataset_manifest"]).read_text())
         if "metrics" in arts:
             self.metrics = json.loads(Path(arts["metrics"]).read_text())
+        if "index" in arts:
+            self.index = json.loads(Path(arts["index"]).read_text())
 
     def hash_centers(self) -> np.ndarray:
         """(K, L) int8 ±1 class hash centers: the sign of the center network's output."""
@@ -213,10 +220,14 @@ def log_pyfunc(
     metrics: dict[str, Any],
     config: dict[str, Any] | None = None,
 ) -> Any:
-    """Log the pyfunc (weights, config, manifest, metrics) into the active run; return its info."""
+    """Log the pyfunc (weights, config, manifest, metrics, index spec) into the active run;
+    return its info."""
     import yaml
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from pipeline.files import write_json_atomic
+    from pipeline.retrieval.index import IndexSpec
 
     _, blob = load_model_file(model_dir / WEIGHTS)
     arch = blob["arch"]
@@ -233,6 +244,8 @@ def log_pyfunc(
         json.dumps(metrics, indent=2, sort_keys=True, default=_json_default)
     )
     (model_dir / CONFIG).write_text(yaml.safe_dump(config or {}, sort_keys=True))
+    index = IndexSpec.from_dict((config or {}).get("search_index")).to_dict()
+    write_json_atomic(model_dir / INDEX, index)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=HashCodeModel(),
@@ -241,6 +254,7 @@ def log_pyfunc(
             "config": str(model_dir / CONFIG),
             "dataset_manifest": str(model_dir / MANIFEST),
             "metrics": str(model_dir / METRICS),
+            "index": str(model_dir / INDEX),
         },
         signature=signature,
         code_paths=[str(PACKAGE_DIR)],
@@ -253,5 +267,6 @@ def log_pyfunc(
             "num_classes": int(arch["num_classes"]),
             "outputs": list(OUTPUTS),
             "data_version": str((config or {}).get("data_version", "")),
+            "search_index": index,
         },
     )
