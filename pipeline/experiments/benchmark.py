@@ -60,9 +60,15 @@ def _steady(values: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
-def scaling(cfg: TrainConfig, worker_counts: list[int], threads: int) -> dict[str, Any]:
+def scaling(
+    cfg: TrainConfig,
+    worker_counts: list[int],
+    threads: int,
+    checkpoint_every: list[int] | None = None,
+) -> dict[str, Any]:
     """Steady-state seconds per epoch of the plain loop and of Ray Train with each worker count
-    (per phase for Ray), samples per second and the Ray-1-worker / plain ratios."""
+    and each checkpoint policy (``checkpoint_every``; default: the config's), per phase for Ray,
+    samples per second and the Ray-1-worker / plain ratios per policy."""
     from feature_store.store import open_dataset
     from pipeline.training.trainer import run_training
 
@@ -71,43 +77,46 @@ def scaling(cfg: TrainConfig, worker_counts: list[int], threads: int) -> dict[st
     plain = plain_loop_seconds(cfg, cfg.epochs, threads)
     steady = _steady(plain)
     rows.append({"mode": "plain", "workers": 1, "train_s": steady, "wall_s": steady})
+    policies = checkpoint_every or [cfg.checkpoint_every]
     for w in worker_counts:
-        run_cfg = cfg.replace(
-            workers=w,
-            cpus_per_worker=max(threads / w, 0.5) if w > 1 else float(threads),
-            register_model=False,
-            run_name="",
-        )
-        s = run_training(run_cfg)
-        t = s["epoch_timings"]
-        row: dict[str, Any] = {"mode": "ray", "workers": w}
-        for p in PHASES:
-            row[p] = _steady([e.get(p, 0.0) for e in t])
-        row["train_s"] = row["data_wait"] + row["step"]
-        row["wall_s"] = _steady([e.get("wall", 0.0) for e in t])
-        rows.append(row)
+        for every in policies:
+            run_cfg = cfg.replace(
+                workers=w,
+                cpus_per_worker=max(threads / w, 0.5) if w > 1 else float(threads),
+                register_model=False,
+                run_name="",
+                checkpoint_every=every,
+            )
+            s = run_training(run_cfg)
+            t = s["epoch_timings"]
+            row: dict[str, Any] = {"mode": "ray", "workers": w, "checkpoint_every": every}
+            for p in PHASES:
+                row[p] = _steady([e.get(p, 0.0) for e in t])
+            row["train_s"] = row["data_wait"] + row["step"]
+            row["wall_s"] = _steady([e.get("wall", 0.0) for e in t])
+            row["epoch_wall_s"] = [e.get("wall", 0.0) for e in t]
+            rows.append(row)
     for r in rows:
         r["samples_per_s"] = n_train / r["train_s"]
         r["outside_step_s"] = r["wall_s"] - (r.get("step", r["train_s"]))
     base = rows[0]
-    one = next((r for r in rows if r["mode"] == "ray" and r["workers"] == 1), None)
     ratios = {}
-    if one is not None:
-        ratios = {
-            "ray1_train_over_plain": one["train_s"] / base["train_s"],
-            "ray1_wall_over_plain": one["wall_s"] / base["train_s"],
-        }
+    for one in (r for r in rows if r["mode"] == "ray" and r["workers"] == 1):
+        tag = "" if len(policies) == 1 else f"_every{one['checkpoint_every']}"
+        ratios[f"ray1_train_over_plain{tag}"] = one["train_s"] / base["train_s"]
+        ratios[f"ray1_wall_over_plain{tag}"] = one["wall_s"] / base["train_s"]
     return {"rows": rows, "ratios": ratios, "train_items": n_train, "epochs": cfg.epochs}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """:func:`scaling`'s rows as a Markdown table, then its ratios."""
-    head = ["mode", "workers", "samples/s", "train s/ep", "wall s/ep", *PHASES]
+    head = ["mode", "workers", "ckpt every", "samples/s", "train s/ep", "wall s/ep", *PHASES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [
             r["mode"],
             str(r["workers"]),
+            str(r.get("checkpoint_every", "-")),
             f"{r['samples_per_s']:.0f}",
             f"{r['train_s']:.2f}",
             f"{r['wall_s']:.2f}",

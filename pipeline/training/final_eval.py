@@ -33,9 +33,16 @@ class FinalEvaluation:
     problems: list[str] = field(default_factory=list)
 
 
+BEST = "best_model.pt"  # the best epoch's model file, in a checkpoint written after that epoch
+
+
 def fetch_weights(filesystem: pafs.FileSystem, checkpoint_path: str, dst: Path) -> Path:
-    """Copy a checkpoint's model file (local or remote filesystem) to ``dst``."""
-    with filesystem.open_input_stream(f"{checkpoint_path}/{WEIGHTS}") as src, open(dst, "wb") as f:
+    """Copy a checkpoint's best model (local or remote filesystem) to ``dst``: its ``BEST`` file
+    when the best epoch came before the checkpoint's own epoch, else its model file."""
+    best = f"{checkpoint_path}/{BEST}"
+    name = best if filesystem.get_file_info(best).type == pafs.FileType.File else None
+    name = name or f"{checkpoint_path}/{WEIGHTS}"
+    with filesystem.open_input_stream(name) as src, open(dst, "wb") as f:
         while chunk := src.read(1 << 24):
             f.write(chunk)
     return dst

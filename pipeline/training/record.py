@@ -29,6 +29,21 @@ def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
     return valid_map_mean + epoch * 1e-12
 
 
+def full_checkpoint(epochs_done: int, every: int, epochs: int) -> bool:
+    """Whether the epoch that completes ``epochs_done`` writes a full resumable checkpoint
+    (model, optimizer state, RNG states, history): every ``every`` epochs and at the last."""
+    return epochs_done % max(1, every) == 0 or epochs_done >= epochs
+
+
+def best_of_history(history: dict[str, Any], best_epoch: int) -> dict[str, float]:
+    """The validation MAPs (i2t, t2i, mean) that ``history`` recorded for epoch ``best_epoch``."""
+    epochs = list(history.get("epoch") or [])
+    if best_epoch not in epochs:
+        return {}
+    i = epochs.index(best_epoch)
+    return {k: float(history[f"valid_map_{k}"][i]) for k in ("i2t", "t2i", "mean")}
+
+
 def evaluate_split(model: HashModel, protocol: EvalProtocol, batch_size: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
@@ -73,7 +88,7 @@ class RunRecord:
         self.best_map, self.best_epoch = best_map, best_epoch
         self.best_score = checkpoint_score(best_map, best_epoch) if best_epoch > 0 else -1.0
         self.valid_map: dict[str, float] = {}  # of the last recorded epoch
-        self.best_valid_map: dict[str, float] = {}  # of the best epoch recorded by this process
+        self.best_valid_map = best_of_history(self.history, best_epoch)  # of the best epoch
         self.detection: dict[str, float] = {}
 
     def record(
@@ -110,6 +125,8 @@ class RunRecord:
             **{f"valid_map_{k}": v for k, v in vmap.items() if k.endswith("_at_k")},
             SCORE: score,
             "best_valid_map_mean": self.best_map,
+            "best_valid_map_i2t": self.best_valid_map.get("i2t", float("nan")),
+            "best_valid_map_t2i": self.best_valid_map.get("t2i", float("nan")),
             "best_epoch": self.best_epoch,
             "zero_weight_share": float(det["zero_weight_share"]),
             "mean_weight": float(np.mean(weights)) if weights.size else 0.0,

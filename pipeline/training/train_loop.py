@@ -7,6 +7,7 @@ checked outside Ray against a single-process run on the concatenated batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -43,7 +44,9 @@ from pipeline.method.weights import (
 from pipeline.retrieval.protocol import EvalProtocol
 from pipeline.training.data import local_shuffle_seed
 from pipeline.training.epoch import MemoryShard, epoch_pair_weights, next_mixture, train_epoch
-from pipeline.training.record import RunRecord, empty_history
+from pipeline.training.final_eval import BEST
+from pipeline.training.record import RunRecord, empty_history, full_checkpoint
+from pipeline.training.reliability import memory_rows, owned_rows
 from pipeline.training.step import (
     arch_of,
     assert_centers_synced,
@@ -152,6 +155,29 @@ def load_train_state(source: Path | str | bytes, what: str = "") -> dict[str, An
     return state
 
 
+def rows_seen(ids: np.ndarray) -> dict[str, int]:
+    """What an epoch's item ids (all ranks') say about its coverage: how many rows, how many
+    distinct ids, and an order-independent checksum (sum of 64-bit mixed ids, mod 2**63)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return {
+        "count": int(ids.size),
+        "distinct": int(np.unique(ids).size),
+        "checksum": id_checksum(ids),
+    }
+
+
+def id_checksum(ids: np.ndarray) -> int:
+    """Sum over ids of a splitmix64-style mix of each id, mod 2**63 (order-independent)."""
+    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(31)
+        x = x * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(29)
+        total = int(x.sum(dtype=np.uint64))
+    return total % (2**63)
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray
@@ -189,12 +215,20 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     start_epoch, best_map, best_epoch = 0, -1.0, -1
     history = empty_history()
+    # rank 0 keeps the best epoch's weights in memory; they are written with the next full
+    # checkpoint (a resumed run replays the epochs after that checkpoint anyway)
+    best_core: HashModel | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d) / STATE)
             weights_blob = safe_load(Path(d) / WEIGHTS)
+            best_blob = safe_load(Path(d) / BEST) if (Path(d) / BEST).exists() else None
         core.load_state_dict(weights_blob["state_dict"])
+        if rank == 0 and (best_blob is not None or state["best_epoch"] == state["epoch"] + 1):
+            best_core = copy.deepcopy(core)
+            if best_blob is not None:
+                best_core.load_state_dict(best_blob["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         best_map, best_epoch = state["best_valid_map"], state["best_epoch"]
@@ -231,9 +265,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
             best_epoch,
         )
 
-    train_rows = None
-    if cfg.method == "scbch":  # the reliability weights need the whole training set
-        train_rows = ds.read_arrays("train", ["item_id", "image", "text", "label"])
     # the loss mixture of the previous epoch (every rank fits the same gathered ℓ_i)
     mixture = None
     if history.get("mixture_mean_clean"):
@@ -249,6 +280,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
             shard.iter_torch_batches(batch_size=4096, dtypes=_BATCH_DTYPES), device
         )
         log.info("rank %d holds %d rows (%.1fs)", rank, len(memory), time.perf_counter() - t0)
+    train_rows = None  # SCBCH: the rows whose codes this rank encodes for the sharded kNN
+    if cfg.method == "scbch":
+        held = memory_rows(memory) if memory is not None else None
+        train_rows = owned_rows(ds, rank, world, held)
     steps, seconds = [0], []
 
     def after_step() -> None:
@@ -327,30 +362,45 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 ell=ell,
                 predicted=predicted,
             )
-            metrics, _ = record.record(
+            metrics, improved = record.record(
                 core, epoch, every_rank, gamma=gamma, mixture=mixture, seconds=seconds[-1]
             )
+            if improved:  # an in-memory copy, no file: cheap every epoch
+                if best_core is None:
+                    best_core = copy.deepcopy(core)
+                else:
+                    best_core.load_state_dict(core.state_dict())
+            # every training row once per epoch: count, distinct ids, order-free id checksum
+            seen = rows_seen(ids)
             timer.add("eval", time.perf_counter() - t0)
             # what the driver's callback logs to MLflow for this epoch (workers do not talk to it)
             epoch_scalars = {k: v for k, v in metrics.items() if k != "epoch"} | {
                 f"time_{k}": v for k, v in timer.t.items()
             }
             t0 = time.perf_counter()
-            ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
-            save_model_file(
-                Path(ckpt_dir) / WEIGHTS,
-                core,
-                arch,
-                {"epoch": epoch + 1, "valid_map": record.valid_map},
-            )
-            save_train_state(
-                Path(ckpt_dir) / STATE,
-                optimizer.state_dict(),
-                epoch,
-                record.best_map,
-                record.best_epoch,
-                record.history,
-            )
+            if full_checkpoint(epoch + 1, cfg.checkpoint_every, cfg.epochs):
+                ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
+                save_model_file(
+                    Path(ckpt_dir) / WEIGHTS,
+                    core,
+                    arch,
+                    {"epoch": epoch + 1, "valid_map": record.valid_map},
+                )
+                if record.best_epoch != epoch + 1 and best_core is not None:
+                    save_model_file(
+                        Path(ckpt_dir) / BEST,
+                        best_core,
+                        arch,
+                        {"epoch": record.best_epoch, "valid_map": record.best_valid_map},
+                    )
+                save_train_state(
+                    Path(ckpt_dir) / STATE,
+                    optimizer.state_dict(),
+                    epoch,
+                    record.best_map,
+                    record.best_epoch,
+                    record.history,
+                )
             timer.add("checkpoint", time.perf_counter() - t0)
             metrics.update(
                 {
@@ -361,6 +411,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     "mlflow_run_id": loop_config.get("run_id") or "",
                     "epoch_scalars": epoch_scalars,
                     "global_negatives": global_negatives,
+                    "rows_seen": seen,
                 }
             )
             if epoch + 1 == cfg.epochs:
@@ -368,7 +419,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 report = suspect_report(record.ref, ids, ell, weights, predicted)
                 write_report(report, Path(ckpt_dir) / SUSPECTS_FILE)
                 metrics["suspect_labels"] = summary_of(record.ref, report)
-        # Every epoch's checkpoint is scored by its validation MAP; Ray keeps the best and latest.
+        # A full checkpoint is scored by its epoch's validation MAP; Ray keeps the best two and
+        # the latest. The best epoch's weights travel in the latest one (BEST or WEIGHTS).
         t0 = time.perf_counter()
         # The upload overlaps the next epoch; Ray deletes the local directory once it is stored.
         checkpoint_obj = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -379,4 +431,5 @@ def train_func(loop_config: dict[str, Any]) -> None:
         )
         timer.add("report", time.perf_counter() - t0)
         if rank == 0 and monitor is not None:
-            monitor.record.remote(epoch + 1, timer.t | {"wall": time.perf_counter() - t_epoch})
+            wall = {"wall": time.perf_counter() - t_epoch}
+            monitor.record.remote(epoch + 1, timer.t | wall, seen)

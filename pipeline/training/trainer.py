@@ -70,14 +70,19 @@ def _run_monitor(run_name: str):
         def __init__(self) -> None:
             self.attempts = 0
             self.timings: dict[int, dict[str, float]] = {}
+            self.rows: dict[int, dict[str, int]] = {}
             self.workers: dict[int, dict[str, Any]] = {}
 
         def start_attempt(self) -> int:
             self.attempts += 1
             return self.attempts
 
-        def record(self, epoch: int, timing: dict[str, float]) -> None:
+        def record(
+            self, epoch: int, timing: dict[str, float], rows: dict[str, int] | None = None
+        ) -> None:
             self.timings[epoch] = timing
+            if rows is not None:
+                self.rows[epoch] = rows
 
         def register_worker(self, rank: int, pid: int, node_id: str) -> None:
             self.workers[rank] = {"pid": pid, "node_id": node_id, "attempt": self.attempts}
@@ -89,8 +94,8 @@ def _run_monitor(run_name: str):
                 "workers": dict(self.workers),
             }
 
-        def get(self) -> tuple[int, dict[int, dict[str, float]]]:
-            return self.attempts, self.timings
+        def get(self) -> tuple[int, dict[int, dict[str, float]], dict[int, dict[str, int]]]:
+            return self.attempts, self.timings, self.rows
 
     return RunMonitor.options(name=f"rshnl-monitor-{run_name}", get_if_exists=True).remote()
 
@@ -172,6 +177,7 @@ RESUMABLE_KEYS = frozenset(
         "max_failures",
         "eval_batch_size",
         "center_sync_check_every",
+        "checkpoint_every",
         "data_cache_max_bytes",
         "storage_path",
         "resume",
@@ -532,6 +538,8 @@ def _fit(
     if run_id:
         callbacks = [*callbacks, _epoch_metrics_callback(tracking_uri, run_id)]
     storage = _storage(cfg)
+    in_memory = cached_in_memory(ds, cfg.data_cache_max_bytes)
+    log.info("train split %s", "cached in the object store" if in_memory else "streamed")
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -540,7 +548,7 @@ def _fit(
             "run_id": run_id,
             "tracking_uri": tracking_uri,
             "monitor": monitor,
-            "in_memory": cached_in_memory(ds, cfg.data_cache_max_bytes),
+            "in_memory": in_memory,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -552,8 +560,8 @@ def _fit(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
-            # The two best and the latest: an intact older one to resume from if the latest
-            # is lost.
+            # The two best full checkpoints and the latest: an intact older one to resume from
+            # if the latest is lost (each is written every checkpoint_every epochs).
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
@@ -572,9 +580,16 @@ def _fit(
         raise TrainingError(f"training run {run_name} failed: {e}") from e
     wall = time.perf_counter() - t0
     last = result.metrics or {}
-    if not result.best_checkpoints:
+    if not result.best_checkpoints or result.checkpoint is None:
         raise TrainingError(f"training run {run_name} reported no checkpoint")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
+    # the latest checkpoint holds the best epoch's weights (its BEST file, or its own weights
+    # when the best epoch is its epoch) and reports the best epoch's validation MAPs
+    best_ckpt, best_metrics = result.checkpoint, last
+    if "best_valid_map_i2t" not in last:  # written before the best travelled with the latest
+        best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
+        best_metrics = {f"best_{k}": v for k, v in best_metrics.items()} | {
+            "best_epoch": best_metrics["epoch"]
+        }
     keep = Path(tempfile.mkdtemp(prefix="rshnl-best-")) / WEIGHTS
     fetch_weights(best_ckpt.filesystem, best_ckpt.path, keep)
     suspects = None  # the last epoch's report travels with the latest checkpoint
@@ -587,7 +602,7 @@ def _fit(
     final = final_evaluation(model, ds, cfg, last.get("history") or {})
     import ray
 
-    attempts, timings = ray.get(monitor.get.remote())
+    attempts, timings, rows = ray.get(monitor.get.remote())
     ray.kill(monitor)
     if final.problems:
         shutil.rmtree(keep.parent, ignore_errors=True)
@@ -603,11 +618,11 @@ def _fit(
         "data_version": ds.data_version,
         "test_map": final.test_map,
         "best_valid_map": {
-            "i2t": best_metrics["valid_map_i2t"],
-            "t2i": best_metrics["valid_map_t2i"],
-            "mean": best_metrics["valid_map_mean"],
+            "i2t": best_metrics["best_valid_map_i2t"],
+            "t2i": best_metrics["best_valid_map_t2i"],
+            "mean": best_metrics["best_valid_map_mean"],
         },
-        "best_epoch": int(best_metrics["epoch"]),
+        "best_epoch": int(best_metrics["best_epoch"]),
         "epochs_run": int(last.get("epoch", 0)),
         "seconds_per_epoch": float(last.get("seconds_per_epoch", float("nan"))),
         "wall_seconds": wall,
@@ -619,6 +634,8 @@ def _fit(
         "worker_nodes": list(last.get("worker_nodes", [])),
         "global_negatives": bool(last.get("global_negatives", False)),
         "epoch_timings": [timings[e] for e in sorted(timings)],
+        "rows_seen": [rows[e] | {"epoch": e} for e in sorted(rows)],
+        "in_memory": in_memory,
         "history": last.get("history", {}),
         "checkpoint_path": best_ckpt.path,
         "_best_weights": str(keep),
@@ -628,7 +645,7 @@ def _fit(
     log.info(
         "best epoch %d: valid MAP %.4f, test MAP %.4f (i2t %.4f, t2i %.4f)",
         summary["best_epoch"],
-        best_metrics["valid_map_mean"],
+        best_metrics["best_valid_map_mean"],
         final.test_map["mean"],
         final.test_map["i2t"],
         final.test_map["t2i"],
