@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     s.add_argument("--threads", type=int, default=2, help="CPU threads for the whole run")
     s.add_argument("--use-gpu", action="store_true")
+    s.add_argument(
+        "--checkpoint-every",
+        default="",
+        help="comma-separated checkpoint policies to run side by side, e.g. 1,5 "
+        "(full checkpoint every N epochs and at the last; default: the config's)",
+    )
     s.add_argument("--summary-json")
     pl = sub.add_parser("plain", help="the training step alone in one process (CPU or one GPU)")
     pl.add_argument("--dataset", required=True)
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(args.summary_json, result)
         return EXIT_OK
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    result = scaling(cfg, workers, args.threads)
+    result = scaling(cfg, workers, args.threads, _csv(args.checkpoint_every, int) or None)
     table = format_table(result)
     log.info("scaling (steady-state epochs 2..%d):\n%s", cfg.epochs, table)
     print(table)

@@ -86,6 +86,7 @@ class TrainConfig:
     eval_top_k: int = 0  # >0: also report MAP@k (multi-label benchmarks use e.g. 5000)
     center_sync_check_every: int = 0  # >0: all-gather a center checksum every N steps and assert
     storage_path: str = "runs"  # Ray Train run storage (local path or s3://)
+    checkpoint_every: int = 1  # full resumable checkpoint every N epochs and at the last epoch
     resume: bool = False  # continue run_name from its latest checkpoint in storage_path
     # tracking
     experiment_name: str = "rshnl"
@@ -174,6 +175,7 @@ class TrainConfig:
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "must be ≥ 0")
         need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")
         need(self.center_sync_check_every >= 0, "center_sync_check_every", "must be ≥ 0")
+        need(self.checkpoint_every >= 1, "checkpoint_every", "must be ≥ 1")
         bound = ell_max(self.r, NUM_MODALITIES)
         uses_gamma = (
             self.method == "rshnl"
