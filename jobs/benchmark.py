@@ -6,6 +6,8 @@ outside the training step (data wait, end-of-epoch gathers, evaluation, checkpoi
 ``plain``: the training step alone in one process, on CPU or one GPU.
 ``grid``: method × noise rate × bits × seed, each cell a training run; resumable; writes a Markdown
 table laid out like the paper's Table 1 and a CSV, and logs every cell to MLflow.
+``index``: Hamming top-k on N synthetic clustered codes: the exact scan vs IVF (and mih), queries/s,
+tie-aware recall@k against the exact scan, build time and memory, in one run.
 """
 
 from __future__ import annotations
@@ -79,7 +81,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="inprocess executor: cpu or cuda")
     g.add_argument("--no-tracking", action="store_true", help="inprocess: do not log to MLflow")
     g.add_argument("--summary-json")
+    ix = sub.add_parser("index", help="exact scan vs IVF (and mih) on N synthetic clustered codes")
+    ix.add_argument("--n", type=int, default=10_000_000, help="database codes (10M)")
+    ix.add_argument("--bits", type=int, default=128, help="code length, a multiple of 8 (128)")
+    ix.add_argument("--queries", type=int, default=1000, help="queries (1000)")
+    ix.add_argument("--k", type=int, default=100, help="results per query (100)")
+    ix.add_argument("--centers", type=int, default=None, help="cluster centres (default N/1000)")
+    ix.add_argument("--flip", type=float, default=0.1, help="bit-flip probability (0.1)")
+    ix.add_argument("--nlist", type=int, default=None, help="IVF lists (default: ≈√N, power of 2)")
+    ix.add_argument("--nprobe", default="", help="comma-separated nprobe values to measure")
+    ix.add_argument("--mih", action="store_true", help="also measure IndexBinaryMultiHash")
+    ix.add_argument("--threads", type=int, default=1, help="faiss threads (1)")
+    ix.add_argument("--seed", type=int, default=0)
+    ix.add_argument("--summary-json")
     return p
+
+
+def index(args: argparse.Namespace) -> int:
+    """The index subcommand: its flags passed to ``pipeline.retrieval.index_bench``."""
+    from pipeline.retrieval.index_bench import format_index_table, index_benchmark
+
+    result = index_benchmark(
+        args.n,
+        bits=args.bits,
+        queries=args.queries,
+        k=args.k,
+        centers=args.centers,
+        flip=args.flip,
+        nlist=args.nlist,
+        nprobes=_csv(args.nprobe, int),
+        mih=args.mih,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    print(format_index_table(result))
+    if args.summary_json:
+        write_json_atomic(args.summary_json, result)
+    return EXIT_OK
 
 
 def _csv(text: str, kind: type) -> list:
@@ -134,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.command == "grid":
         return grid(args)
+    if args.command == "index":
+        return index(args)
     cfg = TrainConfig.load(
         args.config,
         {

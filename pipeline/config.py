@@ -95,6 +95,9 @@ class TrainConfig:
     registered_model_name: str = "rshnl"
     register_model: bool = True
     tags: dict[str, str] = field(default_factory=dict)
+    # search index recorded with the registered model, used by jobs.pull (IndexSpec keys: kind
+    # auto/flat/ivf/hash/mih, exact_below, nlist, nprobe, train_size, seed, ...); {}: auto
+    search_index: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Check every value; raise ConfigError naming the first bad key."""
@@ -175,6 +178,12 @@ class TrainConfig:
         need(self.shuffle_buffer >= 0, "shuffle_buffer", "must be ≥ 0")
         need(self.eval_batch_size > 0, "eval_batch_size", "must be ≥ 1")
         need(self.center_sync_check_every >= 0, "center_sync_check_every", "must be ≥ 0")
+        from pipeline.retrieval.index import IndexSpec
+
+        try:
+            IndexSpec.from_dict(self.search_index)
+        except ValueError as e:
+            need(False, "search_index", str(e))
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be ≥ 1")
         bound = ell_max(self.r, NUM_MODALITIES)
         uses_gamma = (
@@ -219,6 +228,9 @@ class TrainConfig:
         values: dict[str, Any] = {}
         for key, value in data.items():
             default = getattr(base, key)
+            if key == "search_index" and isinstance(value, dict):
+                values[key] = dict(value)  # values checked by validate (IndexSpec)
+                continue
             values[key] = _coerce(key, value, default, source)
         return cls(**values)
 
