@@ -64,6 +64,8 @@ class TrainConfig:
     scbch_shift: float = 0.3  # similarity around which pairs are separated
     scbch_tau: float = 0.1  # temperature of the BSCH similarities
     scbch_separation: float = 1.0  # weight of the pair-separation term inside BSCH
+    scbch_knn: str = "flat"  # reliability kNN: "flat" (exact) or "ivf" (approximate, large N)
+    scbch_knn_nprobe: int = 16  # lists searched per query with scbch_knn "ivf"
     global_negatives: str = (
         "auto"  # CHL denominator over all workers' codes: auto (>1 worker)/on/off
     )
@@ -114,6 +116,8 @@ class TrainConfig:
         need(0 <= self.scbch_g <= 1, "scbch_g", "must be in [0, 1]")
         need(self.scbch_tau > 0, "scbch_tau", "must be > 0")
         need(self.scbch_separation >= 0, "scbch_separation", "must be ≥ 0")
+        need(self.scbch_knn in ("flat", "ivf"), "scbch_knn", "must be 'flat' or 'ivf'")
+        need(self.scbch_knn_nprobe >= 1, "scbch_knn_nprobe", "must be ≥ 1")
         need(self.weight_decay >= 0, "weight_decay", "must be ≥ 0")
         need(self.eval_top_k >= 0, "eval_top_k", "must be ≥ 0 (0: MAP over the whole list)")
         need(

@@ -17,7 +17,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture, fit_loss_mixture
 from pipeline.training.data import local_shuffle_seed
-from pipeline.training.step import compute_loss, needs_loss_mixture, train_set_reliability
+from pipeline.training.reliability import rank_reliability
+from pipeline.training.step import compute_loss, needs_loss_mixture
 
 Batch = dict[str, torch.Tensor]
 
@@ -97,12 +98,15 @@ def epoch_pair_weights(
     epoch: int,
     device: torch.device | str,
 ) -> PairWeights | None:
-    """SCBCH's reliability weights of every training item (``rows``: the whole train split's
-    item_id, image, text, label) for this epoch; None in warm-up and for RSHNL."""
+    """SCBCH's reliability weights of every training item for this epoch; None in warm-up and
+    for RSHNL. ``rows`` (item_id, image, text, label) are the rows this rank owns: under
+    torch.distributed the ranks' rows together are the training set, each rank encodes only its
+    own and the kNN is sharded (:func:`pipeline.training.reliability.rank_reliability`); in one
+    process they are the whole train split."""
     if rows is None or cfg.method != "scbch" or epoch < cfg.warmup_epochs:
         return None
-    w = train_set_reliability(model, rows["image"], rows["text"], rows["label"], cfg, device)
-    return PairWeights.of(rows["item_id"], w)
+    ids, w = rank_reliability(model, rows, cfg, device)
+    return PairWeights.of(ids, torch.from_numpy(w))
 
 
 def next_mixture(
