@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--threads", type=int, default=1, help="faiss threads (1)")
     ix.add_argument("--seed", type=int, default=0)
     ix.add_argument("--summary-json")
+    kn = sub.add_parser("scbch-knn", help="SCBCH's sharded reliability kNN on synthetic codes")
+    kn.add_argument("--items", type=int, default=1_000_000, help="training items (1M)")
+    kn.add_argument("--bits", type=int, default=64)
+    kn.add_argument("--shards", type=int, default=4, help="simulated workers (4)")
+    kn.add_argument("--kind", choices=("flat", "ivf"), default="ivf")
+    kn.add_argument("--nprobe", type=int, default=16)
+    kn.add_argument("--subset", type=int, default=20_000, help="queries checked against exact")
+    kn.add_argument("--seed", type=int, default=0)
+    kn.add_argument("--summary-json")
     return p
 
 
@@ -167,6 +176,23 @@ def grid(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def scbch_knn(args: argparse.Namespace) -> int:
+    """The scbch-knn subcommand (``pipeline.experiments.knn_bench``)."""
+    from pipeline.experiments.knn_bench import scbch_knn_benchmark
+
+    if min(args.items, args.shards, args.bits, args.nprobe, args.subset) < 1:
+        log.error("--items, --shards, --bits, --nprobe and --subset must be ≥ 1")
+        return 2
+    result = scbch_knn_benchmark(
+        args.items, args.bits, args.shards, args.kind, args.nprobe, subset=args.subset,
+        seed=args.seed,
+    )  # fmt: skip
+    log.info("scbch-knn: %s", result)
+    if args.summary_json:
+        write_json_atomic(args.summary_json, result)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -174,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return grid(args)
     if args.command == "index":
         return index(args)
+    if args.command == "scbch-knn":
+        return scbch_knn(args)
     cfg = TrainConfig.load(
         args.config,
         {
