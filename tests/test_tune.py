@@ -65,6 +65,18 @@ def test_scbch_weights_are_searchable_and_untunable_keys_refused():
     assert isinstance(cfg.scbch_k, int) and cfg.gamma == base.gamma
     with pytest.raises(ConfigError, match=r"untunable key\(s\) \['workers'\]"):
         SweepConfig(base=base, space={"workers": {"type": "fixed", "value": 2}}).validate()
+    for key in ("checkpoint_every", "search_index"):  # run mechanics, not the model
+        with pytest.raises(ConfigError, match=rf"untunable key\(s\) \['{key}'\]"):
+            SweepConfig(base=base, space={key: {"type": "fixed", "value": 2}}).validate()
+
+
+def test_sweeps_refuse_sparse_checkpoints():
+    """The best trial is registered from its best epoch's checkpoint: every epoch needs one."""
+    from pipeline.config import ConfigError
+
+    base = TrainConfig(dataset="x", checkpoint_every=5)
+    with pytest.raises(ConfigError, match="checkpoint_every 5: sweeps need checkpoint_every 1"):
+        SweepConfig(base=base, space={}).validate()
 
 
 @pytest.fixture(scope="module")

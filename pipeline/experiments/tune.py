@@ -52,6 +52,7 @@ _NOT_TUNABLE = {
     "dataset", "method", "run_name", "resume", "storage_path", "tracking_uri", "tags",
     "experiment_name", "registered_model_name", "register_model", "workers", "cpus_per_worker",
     "use_gpu", "placement_strategy", "max_failures", "eval_batch_size", "epochs",
+    "checkpoint_every", "search_index",
 }  # fmt: skip
 _SPACE_KEYS = {"gamma_fraction"} | {
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_TUNABLE
@@ -107,6 +108,12 @@ class SweepConfig:
         if self.mode == "gamma" and self.base.weighting not in ("spl", "hard"):
             raise ConfigError(
                 f"--mode gamma grids over Eq 12's γ; weighting {self.base.weighting!r} has none"
+            )
+        if self.base.checkpoint_every != 1:
+            # a trial is registered from the checkpoint of its best epoch, so every epoch needs one
+            raise ConfigError(
+                f"checkpoint_every {self.base.checkpoint_every}: sweeps need checkpoint_every 1 "
+                "(the best trial is registered from its best epoch's checkpoint)"
             )
         if self.mode == "gamma" and not all(0 < f for f in self.gamma_fractions):
             raise ConfigError("gamma_fractions must be > 0 (γ = fraction × ℓmax(r))")
