@@ -252,3 +252,14 @@ def test_distributed_ranks_derive_the_one_process_weights(tmp_path):
         got = np.load(tmp_path / f"rank{rank}.npz")
         assert sorted(got["ids"].tolist()) == sorted(one)
         assert [one[i] for i in got["ids"].tolist()] == got["w"].tolist()  # bit-identical
+
+
+def test_pair_weights_look_up_by_id_and_refuse_unknown_ids():
+    from pipeline.training.epoch import PairWeights
+
+    pw = PairWeights.of(np.array([30, 10, 20]), torch.tensor([0.3, 0.1, 0.2]))
+    got = pw.lookup(torch.tensor([20, 30, 10, 20]))
+    assert got.tolist() == pytest.approx([0.2, 0.3, 0.1, 0.2])
+    for unknown in ([15], [40], [5], [10, 25]):
+        with pytest.raises(KeyError, match="no reliability weight"):
+            pw.lookup(torch.tensor(unknown))

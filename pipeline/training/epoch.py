@@ -87,7 +87,13 @@ class PairWeights:
         return cls(ids[order], weights.cpu()[order])
 
     def lookup(self, item_id: torch.Tensor) -> torch.Tensor:
-        pos = torch.searchsorted(self.sorted_ids, item_id.cpu())
+        """The weights of ``item_id``; KeyError for an id that has none."""
+        ids = item_id.cpu()
+        pos = torch.searchsorted(self.sorted_ids, ids).clamp_max(max(len(self.sorted_ids) - 1, 0))
+        found = self.sorted_ids[pos] == ids if len(self.sorted_ids) else torch.zeros_like(ids) > 0
+        if not bool(found.all()):
+            missing = ids[~found][:5].tolist()
+            raise KeyError(f"no reliability weight for item id(s) {missing}")
         return self.weights[pos]
 
 
