@@ -56,7 +56,11 @@ def test_fixed_centers_are_seeded_normalised_signs():
 @pytest.mark.ray
 @pytest.mark.parametrize(
     "workers,centers",
-    [(3, "learned"), (2, "random"), pytest.param(3, "hadamard", marks=pytest.mark.slow)],
+    [
+        (3, "learned"),
+        pytest.param(2, "random", marks=pytest.mark.slow),
+        pytest.param(3, "hadamard", marks=pytest.mark.slow),
+    ],
 )
 def test_centers_bit_identical_on_every_rank(ray_cluster, tiny_dataset, tmp_path, workers, centers):
     from pipeline.training.trainer import run_training
@@ -97,6 +101,7 @@ def test_resume_continues_from_latest_checkpoint(ray_cluster, tiny_dataset, tmp_
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the default tier resumes past a broken checkpoint in test_checkpoint_policy
 def test_resume_falls_back_when_the_latest_checkpoint_is_lost(ray_cluster, tiny_dataset, tmp_path):
     import json
     import shutil

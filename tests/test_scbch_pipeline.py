@@ -123,7 +123,10 @@ def test_multilabel_protocol_is_query_vs_database(multilabel_dataset):
     assert got["mean"] == pytest.approx((got["i2t"] + got["t2i"]) / 2)
 
 
-@pytest.mark.parametrize("method", ["scbch", pytest.param("rshnl", marks=pytest.mark.slow)])
+# slow: two-worker SCBCH weights are checked in the default tier by
+# test_weights_are_equal_on_one_and_two_workers and tests/test_sharded_knn.py
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["scbch", "rshnl"])
 def test_training_on_multilabel_data_with_two_workers(multilabel_dataset, ray_cluster, tmp_path,
                                                       method):  # fmt: skip
     from pipeline.training.trainer import run_training
