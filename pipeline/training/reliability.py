@@ -32,8 +32,13 @@ ROW_COLUMNS = (S.ITEM_ID, S.IMAGE, S.TEXT, S.LABEL)
 
 def memory_rows(shard: Any) -> Rows:
     """A rank's in-memory rows (a ``MemoryShard``) as NumPy arrays (copied off a GPU only)."""
-    cols = {S.ITEM_ID: shard.item_id, S.IMAGE: shard.image, S.TEXT: shard.text}
-    return {k: v.detach().cpu().numpy() for k, v in (cols | {S.LABEL: shard.label}).items()}
+    cols = {
+        S.ITEM_ID: shard.item_id,
+        S.IMAGE: shard.image,
+        S.TEXT: shard.text,
+        S.LABEL: shard.label,
+    }
+    return {k: v.detach().cpu().numpy() for k, v in cols.items()}
 
 
 def strided_rows(ds: Any, rank: int, world: int, split: str = "train") -> Rows:
