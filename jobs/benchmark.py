@@ -8,6 +8,11 @@ outside the training step (data wait, end-of-epoch gathers, evaluation, checkpoi
 table laid out like the paper's Table 1 and a CSV, and logs every cell to MLflow.
 ``index``: Hamming top-k on N synthetic clustered codes: the exact scan vs IVF (and mih), queries/s,
 tie-aware recall@k against the exact scan, build time and memory, in one run.
+``scbch-knn``: SCBCH's sharded reliability kNN on synthetic codes: memory per worker, seconds per
+refresh, agreement with the exact kNN.
+``streaming``: Ray Train on a train split larger than the object store (streamed) against a split
+that fits (cached), under the same object-store size: rows seen, rows/s, peak RSS per process and
+object-store use per epoch.
 """
 
 from __future__ import annotations
@@ -103,7 +108,72 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--subset", type=int, default=20_000, help="queries checked against exact")
     kn.add_argument("--seed", type=int, default=0)
     kn.add_argument("--summary-json")
+    st = sub.add_parser(
+        "streaming", help="a train split larger than the object store vs one that fits"
+    )
+    st.add_argument("--big", required=True, help="dataset URI whose train split is streamed")
+    st.add_argument("--small", required=True, help="dataset URI whose train split fits")
+    st.add_argument("--config", help="YAML with TrainConfig keys")
+    st.add_argument("--epochs", type=int, default=2)
+    st.add_argument("--workers", type=int, default=2)
+    st.add_argument("--cpus-per-worker", type=float, default=0.5)
+    st.add_argument(
+        "--object-store-memory", default="1GiB", help="object store size, e.g. 1GiB, 800MB"
+    )
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    st.add_argument("--summary-json")
     return p
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
+_UNITS |= {"GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``1GiB``, ``800MB``, ``123456`` as bytes; ConfigError naming the value otherwise."""
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        return int(float(num) * _UNITS[t[len(num) :]])
+    except (ValueError, KeyError):
+        msg = f"--object-store-memory {text!r}: expected bytes such as 1GiB or 800MB"
+        raise ConfigError(msg) from None
+
+
+def streaming(args: argparse.Namespace) -> int:
+    """The streaming subcommand (``pipeline.experiments.streaming_bench``)."""
+    from feature_store.store import open_dataset
+    from pipeline.experiments.streaming_bench import format_streaming, streaming_benchmark
+
+    store = parse_bytes(args.object_store_memory)
+    if store < 80 * 10**6:
+        raise ConfigError(f"--object-store-memory {args.object_store_memory}: Ray needs ≥ 80 MB")
+    if args.epochs < 1 or args.workers < 1 or args.cpus_per_worker <= 0:
+        raise ConfigError("--epochs and --workers must be ≥ 1, --cpus-per-worker > 0")
+    cfgs = []
+    for uri in (args.big, args.small):
+        open_dataset(uri, verify=False)  # a missing or broken version: exit 2 before Ray starts
+        cfgs.append(
+            TrainConfig.load(
+                args.config,
+                {
+                    "dataset": uri,
+                    "epochs": args.epochs,
+                    "workers": args.workers,
+                    "cpus_per_worker": args.cpus_per_worker,
+                    "register_model": False,
+                    "run_name": "",
+                    "experiment_name": "benchmark",
+                },
+            )
+        )
+    result = streaming_benchmark(cfgs[0], cfgs[1], store, args.interval)
+    table = format_streaming(result)
+    log.info("streaming:\n%s", table)
+    print(table)
+    if args.summary_json:
+        write_json_atomic(args.summary_json, result)
+    return EXIT_OK
 
 
 def index(args: argparse.Namespace) -> int:
@@ -202,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return index(args)
     if args.command == "scbch-knn":
         return scbch_knn(args)
+    if args.command == "streaming":
+        return streaming(args)
     cfg = TrainConfig.load(
         args.config,
         {

@@ -144,3 +144,9 @@ def test_streamed_split_sees_every_row_once_per_epoch(ray_cluster, tiny_dataset,
     for r in s["rows_seen"]:
         assert r["count"] == len(ids) and r["distinct"] == len(set(ids))
         assert r["checksum"] == _ref_checksum(ids)
+    # every rank reported its memory at the end of every epoch (VmRSS ≤ VmHWM, both > 0)
+    assert [u["epoch"] for u in s["worker_usage"]] == [1, 2]
+    for u in s["worker_usage"]:
+        assert sorted(u["ranks"]) == ["0", "1"]
+        for v in u["ranks"].values():
+            assert 0 < v["rss"] <= v["peak_rss"]

@@ -151,7 +151,7 @@ def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset, tmp_pat
     trainer = TorchTrainer(
         probe,
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        datasets={"train": training_dataset(ds, seed=0, workers=2, cache_max_bytes=1 << 30)},
+        datasets={"train": training_dataset(ds, seed=0, workers=2, in_memory=True)},
     )
     trainer.fit()
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -163,7 +163,7 @@ def test_worker_batches_carry_no_clean_labels(ray_cluster, tiny_dataset, tmp_pat
     train_ids = ds.read_arrays("train", [S.ITEM_ID])[S.ITEM_ID].tolist()
     assert not set(seen[0]["item_ids"]) & set(seen[1]["item_ids"])
     assert sorted(seen[0]["item_ids"] + seen[1]["item_ids"]) == sorted(train_ids)
-    ray_ds = training_dataset(ds, seed=0, workers=2, cache_max_bytes=0)
+    ray_ds = training_dataset(ds, seed=0, workers=2, in_memory=False)
     assert sorted(ray_ds.columns()) == sorted(S.TRAINING_COLUMNS)
     batch = ray_ds.take_batch(8)
     assert S.CLEAN_LABEL not in batch and S.IS_NOISY not in batch

@@ -14,27 +14,29 @@ from feature_store.store import DatasetVersion
 log = logging.getLogger(__name__)
 
 
-def cached_in_memory(ds: DatasetVersion, cache_max_bytes: int) -> bool:
-    """Whether the train split is small enough for each worker to hold its shard in memory."""
-    return ds.manifest["files"]["train.parquet"]["bytes"] <= cache_max_bytes
+def cached_in_memory(ds: DatasetVersion, cache_max_bytes: int, store_bytes: int = 0) -> bool:
+    """Whether the train split is cached: at most ``cache_max_bytes`` on disk and, when the
+    cluster's object store size ``store_bytes`` is known (> 0), at most half of it (the cached
+    blocks and each worker's read of its shard must fit without spilling)."""
+    size = ds.manifest["files"]["train.parquet"]["bytes"]
+    return size <= cache_max_bytes and (store_bytes <= 0 or 2 * size <= store_bytes)
 
 
-def training_dataset(ds: DatasetVersion, seed: int, workers: int, cache_max_bytes: int):
+def training_dataset(ds: DatasetVersion, seed: int, workers: int, in_memory: bool):
     """The train split with only the columns a worker may see (a ``ray.data.Dataset``).
 
     Clean labels and the noise flag are dropped at the scan, so they never reach a worker. A
-    split up to ``cache_max_bytes`` is read once into the object store; each worker reads its
-    shard from it once and shuffles it in memory every epoch
-    (``pipeline.training.epoch.MemoryShard``).
-    A larger split is streamed every epoch with a seeded block order and the worker's local
-    shuffle buffer (see ``local_shuffle_seed``).
+    split cached ``in_memory`` (see :func:`cached_in_memory`) is read once into the object
+    store; each worker reads its shard from it once and shuffles it in memory every epoch
+    (``pipeline.training.epoch.MemoryShard``). Otherwise the split is streamed every epoch with
+    a seeded block order and the worker's local shuffle buffer (see ``local_shuffle_seed``).
     """
     from ray.data import RandomSeedConfig
 
     # read through the version's own filesystem (local or s3://, settings from the AWS
     # environment); a noisy copy's labels are joined onto the shared feature files
     rd = ray_dataset(ds, "train", S.TRAINING_COLUMNS)
-    if cached_in_memory(ds, cache_max_bytes):
+    if in_memory:
         rows = ds.manifest["files"]["train.parquet"]["rows"]
         return rd.repartition(min(max(16, 8 * workers), max(1, rows // 8))).materialize()
     return rd.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))

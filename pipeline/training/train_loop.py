@@ -155,6 +155,20 @@ def load_train_state(source: Path | str | bytes, what: str = "") -> dict[str, An
     return state
 
 
+def process_memory() -> dict[str, float]:
+    """This process's resident set size now and its peak so far, in bytes (Linux /proc)."""
+    out = {"rss": 0.0, "peak_rss": 0.0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):  # kB
+                    out["rss" if key == "VmRSS" else "peak_rss"] = float(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def rows_seen(ids: np.ndarray) -> dict[str, int]:
     """What an epoch's item ids (all ranks') say about its coverage: how many rows, how many
     distinct ids, and an order-independent checksum (sum of 64-bit mixed ids, mod 2**63)."""
@@ -431,5 +445,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         )
         timer.add("report", time.perf_counter() - t0)
         if rank == 0 and monitor is not None:
-            wall = {"wall": time.perf_counter() - t_epoch}
+            wall = {"wall": time.perf_counter() - t_epoch, "ended_at": time.time()}
             monitor.record.remote(epoch + 1, timer.t | wall, seen)
+        if monitor is not None:
+            monitor.record_usage.remote(epoch + 1, rank, process_memory())

@@ -36,9 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(
-    cfg: TrainConfig, address: str | None = None, *, include_dashboard: bool = False
+    cfg: TrainConfig,
+    address: str | None = None,
+    *,
+    include_dashboard: bool = False,
+    object_store_memory: int | None = None,
 ) -> None:
-    """Connect to $RAY_ADDRESS / ``address`` or start a local Ray with CPUs for workers and data."""
+    """Connect to $RAY_ADDRESS / ``address`` or start a local Ray with CPUs for workers and data
+    (and ``object_store_memory`` bytes of object store; None: Ray's default)."""
     import ray
 
     if ray.is_initialized():
@@ -55,6 +60,7 @@ def ensure_ray(
     num_cpus = max(math.ceil(cfg.workers * cfg.cpus_per_worker) + 2, os.cpu_count() or 1)
     ray.init(
         num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
         include_dashboard=include_dashboard,
         log_to_driver=True,
         configure_logging=False,
@@ -72,6 +78,10 @@ def _run_monitor(run_name: str):
             self.timings: dict[int, dict[str, float]] = {}
             self.rows: dict[int, dict[str, int]] = {}
             self.workers: dict[int, dict[str, Any]] = {}
+            self.usage: dict[int, dict[int, dict[str, float]]] = {}
+
+        def record_usage(self, epoch: int, rank: int, usage: dict[str, float]) -> None:
+            self.usage.setdefault(epoch, {})[rank] = usage
 
         def start_attempt(self) -> int:
             self.attempts += 1
@@ -94,8 +104,8 @@ def _run_monitor(run_name: str):
                 "workers": dict(self.workers),
             }
 
-        def get(self) -> tuple[int, dict[int, dict[str, float]], dict[int, dict[str, int]]]:
-            return self.attempts, self.timings, self.rows
+        def get(self) -> tuple[int, dict[int, Any], dict[int, Any], dict[int, Any]]:
+            return self.attempts, self.timings, self.rows, self.usage
 
     return RunMonitor.options(name=f"rshnl-monitor-{run_name}", get_if_exists=True).remote()
 
@@ -538,8 +548,15 @@ def _fit(
     if run_id:
         callbacks = [*callbacks, _epoch_metrics_callback(tracking_uri, run_id)]
     storage = _storage(cfg)
-    in_memory = cached_in_memory(ds, cfg.data_cache_max_bytes)
-    log.info("train split %s", "cached in the object store" if in_memory else "streamed")
+    store_bytes = int(ray.cluster_resources().get("object_store_memory", 0))
+    in_memory = cached_in_memory(ds, cfg.data_cache_max_bytes, store_bytes)
+    log.info(
+        "train split (%d bytes) %s (cache limit %d bytes, object store %d bytes)",
+        ds.manifest["files"]["train.parquet"]["bytes"],
+        "cached in the object store" if in_memory else "streamed",
+        cfg.data_cache_max_bytes,
+        store_bytes,
+    )
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -568,7 +585,7 @@ def _fit(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
         ),
-        datasets={"train": training_dataset(ds, cfg.seed, cfg.workers, cfg.data_cache_max_bytes)},
+        datasets={"train": training_dataset(ds, cfg.seed, cfg.workers, in_memory)},
         dataset_config=DataConfig(
             datasets_to_split=["train"], execution_options=_execution_options()
         ),
@@ -602,7 +619,7 @@ def _fit(
     final = final_evaluation(model, ds, cfg, last.get("history") or {})
     import ray
 
-    attempts, timings, rows = ray.get(monitor.get.remote())
+    attempts, timings, rows, usage = ray.get(monitor.get.remote())
     ray.kill(monitor)
     if final.problems:
         shutil.rmtree(keep.parent, ignore_errors=True)
@@ -635,6 +652,10 @@ def _fit(
         "global_negatives": bool(last.get("global_negatives", False)),
         "epoch_timings": [timings[e] for e in sorted(timings)],
         "rows_seen": [rows[e] | {"epoch": e} for e in sorted(rows)],
+        "worker_usage": [
+            {"epoch": e, "ranks": {str(r): usage[e][r] for r in sorted(usage[e])}}
+            for e in sorted(usage)
+        ],
         "in_memory": in_memory,
         "history": last.get("history", {}),
         "checkpoint_path": best_ckpt.path,
