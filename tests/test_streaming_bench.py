@@ -24,8 +24,8 @@ class _Version:
     [
         (100, 1000, 0, True),  # object store unknown: the byte limit alone
         (100, 99, 0, False),
-        (100, 1000, 200, True),  # exactly half the store
-        (100, 1000, 199, False),  # more than half the store: streamed
+        (100, 1000, 400, True),  # exactly a quarter of the store
+        (100, 1000, 399, False),  # more than a quarter of the store: streamed
         (3_000_000_000, 2 << 30, 10**12, False),  # over the byte limit whatever the store
     ],
 )

@@ -194,3 +194,53 @@ def test_suspect_report_is_logged_with_the_run(tiny_run, tmp_path):
     top10 = np.mean([noisy[i] for i in t.column("item_id").to_pylist()[:10]])
     assert s["suspect_labels"]["precision_at"]["10"] == pytest.approx(top10)
     assert s["suspect_labels"]["rows"] == len(by_id)
+
+
+@pytest.mark.ray
+def test_streamed_split_reads_row_groups_in_a_new_seeded_order_each_epoch(ray_cluster, tmp_path):
+    """The streamed path: every row once per epoch with a noisy copy's labels, whole row groups
+    in an order that changes between epochs and repeats for the same seed."""
+    import pyarrow.parquet as pq
+
+    from feature_store.store import write_noisy_copy, write_version
+    from feature_store.synthetic import generate_plan
+    from pipeline.training.data import streamed_row_groups
+
+    plan = generate_plan(
+        num_classes=5, counts={"train": 60, "valid": 12, "test": 20}, image_dim=6, text_dim=4,
+        seed=1,
+    )  # fmt: skip
+    base = write_version(str(tmp_path), "syn", plan, rows_per_group=7)
+    ds = open_dataset(write_noisy_copy(base, mode="symmetric", rate=0.5, seed=3))
+    want = ds.read_arrays("train", [S.ITEM_ID, S.LABEL])
+    label_of = {int(i): tuple(row) for i, row in zip(want[S.ITEM_ID], want[S.LABEL], strict=True)}
+    meta = pq.ParquetFile(ds.parquet_scan("train").path).metadata
+    groups = []  # the item ids of each row group, read with pyarrow directly
+    ids_in_file = pq.read_table(ds.parquet_scan("train").path, columns=[S.ITEM_ID])[S.ITEM_ID]
+    start = 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        groups.append(ids_in_file[start : start + n].to_pylist())
+        start += n
+
+    def epochs(seed: int, count: int) -> list[list[int]]:
+        rd = streamed_row_groups(ds, "train", seed)
+        out = []
+        for _ in range(count):
+            ids, orders = [], []
+            for b in rd.iter_batches(batch_size=None):
+                assert [label_of[int(i)] for i in b[S.ITEM_ID]] == [tuple(r) for r in b[S.LABEL]]
+                ids += [int(i) for i in b[S.ITEM_ID]]
+            pos = 0
+            while pos < len(ids):  # the stream is whole row groups, one after another
+                g = next(g for g, grp in enumerate(groups) if grp[0] == ids[pos])
+                assert ids[pos : pos + len(groups[g])] == groups[g]
+                orders.append(g)
+                pos += len(groups[g])
+            assert sorted(orders) == list(range(len(groups)))  # each row group once
+            out.append(orders)
+        return out
+
+    first = epochs(5, 3)
+    assert len({tuple(o) for o in first}) > 1  # the order changes between epochs
+    assert epochs(5, 3) == first  # and repeats for the same seed

@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 def cached_in_memory(ds: DatasetVersion, cache_max_bytes: int, store_bytes: int = 0) -> bool:
     """Whether the train split is cached: at most ``cache_max_bytes`` on disk and, when the
-    cluster's object store size ``store_bytes`` is known (> 0), at most half of it (the cached
-    blocks and each worker's read of its shard must fit without spilling)."""
+    cluster's object store size ``store_bytes`` is known (> 0), at most a quarter of it. Caching
+    briefly holds two copies (the read and its repartition) beside the workers' reads; a split
+    of half the store spilled 0.8 GB doing so (docs/results/scale/streaming.md)."""
     size = ds.manifest["files"]["train.parquet"]["bytes"]
-    return size <= cache_max_bytes and (store_bytes <= 0 or 2 * size <= store_bytes)
+    return size <= cache_max_bytes and (store_bytes <= 0 or 4 * size <= store_bytes)
 
 
 def training_dataset(ds: DatasetVersion, seed: int, workers: int, in_memory: bool):
@@ -31,15 +32,52 @@ def training_dataset(ds: DatasetVersion, seed: int, workers: int, in_memory: boo
     (``pipeline.training.epoch.MemoryShard``). Otherwise the split is streamed every epoch with
     a seeded block order and the worker's local shuffle buffer (see ``local_shuffle_seed``).
     """
-    from ray.data import RandomSeedConfig
-
     # read through the version's own filesystem (local or s3://, settings from the AWS
     # environment); a noisy copy's labels are joined onto the shared feature files
-    rd = ray_dataset(ds, "train", S.TRAINING_COLUMNS)
     if in_memory:
+        rd = ray_dataset(ds, "train", S.TRAINING_COLUMNS)
         rows = ds.manifest["files"]["train.parquet"]["rows"]
         return rd.repartition(min(max(16, 8 * workers), max(1, rows // 8))).materialize()
-    return rd.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return streamed_row_groups(ds, "train", seed, readers=max(2, workers))
+
+
+def streamed_row_groups(
+    ds: DatasetVersion,
+    split: str,
+    seed: int,
+    columns: tuple[str, ...] = S.TRAINING_COLUMNS,
+    readers: int = 2,
+) -> Any:
+    """One split as a stream of its Parquet row groups, one block each, in a seeded order that
+    changes every epoch, by at most ``readers`` read tasks at a time (single-threaded each, so
+    that they take CPU from the training step only where the cluster has it to spare).
+
+    Only the row-group numbers are shuffled (``randomize_block_order`` waits for all its input
+    blocks; over the data itself it would hold the whole split in the object store, and spill).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    scan = ds.parquet_scan(split, columns)
+    n = pq.ParquetFile(scan.filesystem.open_input_file(scan.path)).metadata.num_row_groups
+
+    def read(batch: dict[str, np.ndarray]) -> pa.Table:
+        with scan.filesystem.open_input_file(scan.path) as f:
+            pf = pq.ParquetFile(f)
+            t = pa.concat_tables(
+                [
+                    pf.read_row_group(int(i), columns=scan.columns, use_threads=False)
+                    for i in batch["id"]
+                ]
+            )
+        return scan.join(t) if scan.join is not None else t
+
+    order = ray.data.range(n, override_num_blocks=n).randomize_block_order(
+        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    )
+    return order.map_batches(read, batch_size=1, batch_format="numpy", concurrency=readers)
 
 
 def ray_dataset(
