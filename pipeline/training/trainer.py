@@ -510,21 +510,37 @@ def run_training(
 def _epoch_metrics_callback(tracking_uri: str, run_id: str) -> Any:
     """A Ray Train callback, run by the Train controller, that logs the scalars rank 0 reports
     each epoch to the MLflow run (step = epoch), so the workers never talk to MLflow."""
+    import threading
+
     import ray.train
 
     class EpochMetrics(ray.train.UserCallback):
         def __init__(self) -> None:
             self._logger: Any = None
+            self._lock = threading.Lock()
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {}
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            # Unpickled in the controller as it starts: import MLflow and open the client while
+            # the workers start (~2 CPU s), not during the second epoch, on the workers' cores.
+            self._logger, self._lock = None, threading.Lock()
+            threading.Thread(target=self._get_logger, daemon=True).start()
+
+        def _get_logger(self) -> Any:
+            with self._lock:
+                if self._logger is None:
+                    from pipeline.tracking.runs import EpochLogger
+
+                    self._logger = EpochLogger(tracking_uri, run_id)
+                return self._logger
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
             scalars = metrics[0].get("epoch_scalars") if metrics else None
             if not scalars:
                 return
-            if self._logger is None:
-                from pipeline.tracking.runs import EpochLogger
-
-                self._logger = EpochLogger(tracking_uri, run_id)
-            self._logger.log(scalars, int(metrics[0]["epoch"]))
+            self._get_logger().log(scalars, int(metrics[0]["epoch"]))
 
     return EpochMetrics()
 
