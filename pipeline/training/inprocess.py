@@ -34,6 +34,7 @@ from pipeline.training.record import RunRecord
 from pipeline.training.step import (
     build_model,
     epoch_gamma,
+    make_optimizer,
     seed_everything,
 )
 from pipeline.training.train_loop import resolve_keep_rate
@@ -77,7 +78,7 @@ def prepare_in_memory(cfg: TrainConfig, device: str = "cpu") -> InMemoryRun:
         arrays=a,
         shard=MemoryShard.from_arrays(a[S.ITEM_ID], a[S.IMAGE], a[S.TEXT], a[S.LABEL], dev),
         model=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        optimizer=make_optimizer(model, cfg),
     )
 
 

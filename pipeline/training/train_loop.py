@@ -54,6 +54,7 @@ from pipeline.training.step import (
     center_checksum,
     epoch_gamma,
     is_distributed,
+    make_optimizer,
     seed_everything,
 )
 
@@ -225,7 +226,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     core: HashModel = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
 
     start_epoch, best_map, best_epoch = 0, -1.0, -1
     history = empty_history()
