@@ -332,3 +332,31 @@ def test_infinite_learning_rate_run_fails_and_registers_nothing(
     assert "loss is nan at epoch 1" in error and "codes collapsed" in error
     assert "registered_model" not in run.data.tags
     assert client.search_registered_models() == []
+
+
+def test_lock_released_during_a_competing_create_is_retried(registry):
+    """The SQL store answers a duplicate create by reading the model back; when the holder
+    deletes the lock in between, that read says 'not found'. The lock must be retried, not
+    fail the promotion."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    _, client = registry
+    calls = []
+
+    class Racing:
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def create_registered_model(self, name, **kw):
+            calls.append(name)
+            if len(calls) == 1:
+                raise MlflowException("Registered Model not found", RESOURCE_DOES_NOT_EXIST)
+            return client.create_registered_model(name, **kw)
+
+    with tracking.promotion_lock(Racing(), "racing", wait_seconds=5) as owner:
+        lock = client.get_registered_model(f"racing{tracking.LOCK_SUFFIX}")
+        assert lock.tags["owner"] == owner
+    assert len(calls) == 2
+    name = f"racing{tracking.LOCK_SUFFIX}"
+    assert not client.search_registered_models(filter_string=f"name = '{name}'")

@@ -290,7 +290,9 @@ def promotion_lock(
             )
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # The SQL store answers a duplicate create by looking the model up; when the holder
+            # released the lock in between, that lookup fails with "not found": retry.
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         holder = _lock_holder(client, lock)
         if holder is not None and holder[1] < time.time():
