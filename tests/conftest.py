@@ -50,13 +50,22 @@ def tiny_clean(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_synthetic(tmp_path_factory.mktemp("clean-store"), "clean", seed=4, **_TINY)
 
 
+# the session's local Ray: logical CPUs above the worker count (Ray Data needs some)
+SESSION_RAY = {
+    "num_cpus": 4,
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "configure_logging": False,
+}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the session; logical CPUs above the worker count (Ray Data needs some)."""
+    """One local Ray for the session."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(**SESSION_RAY)
     yield ray
     ray.shutdown()
 

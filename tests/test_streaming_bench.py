@@ -95,7 +95,9 @@ def own_ray():
     if ray.is_initialized():
         ray.shutdown()
     if was:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from conftest import SESSION_RAY
+
+        ray.init(**SESSION_RAY)
 
 
 @pytest.mark.slow

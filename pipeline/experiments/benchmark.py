@@ -54,7 +54,7 @@ def plain_loop_seconds(
     return out
 
 
-def _steady(values: list[float]) -> float:
+def steady_mean(values: list[float]) -> float:
     """Mean over epochs after the first (which pays one-off start-up costs)."""
     tail = values[1:] or values
     return sum(tail) / len(tail)
@@ -75,7 +75,7 @@ def scaling(
     n_train = open_dataset(cfg.dataset).manifest["counts"]["train"]
     rows: list[dict[str, Any]] = []
     plain = plain_loop_seconds(cfg, cfg.epochs, threads)
-    steady = _steady(plain)
+    steady = steady_mean(plain)
     rows.append({"mode": "plain", "workers": 1, "train_s": steady, "wall_s": steady})
     policies = checkpoint_every or [cfg.checkpoint_every]
     for w in worker_counts:
@@ -91,9 +91,9 @@ def scaling(
             t = s["epoch_timings"]
             row: dict[str, Any] = {"mode": "ray", "workers": w, "checkpoint_every": every}
             for p in PHASES:
-                row[p] = _steady([e.get(p, 0.0) for e in t])
+                row[p] = steady_mean([e.get(p, 0.0) for e in t])
             row["train_s"] = row["data_wait"] + row["step"]
-            row["wall_s"] = _steady([e.get("wall", 0.0) for e in t])
+            row["wall_s"] = steady_mean([e.get("wall", 0.0) for e in t])
             row["epoch_wall_s"] = [e.get("wall", 0.0) for e in t]
             rows.append(row)
     for r in rows:
@@ -132,6 +132,6 @@ def plain_benchmark(cfg: TrainConfig, threads: int, device: str = "cpu") -> dict
     result: dict[str, Any] = {}
     for bf16 in (False, True):
         secs = plain_loop_seconds(cfg.replace(bf16=bf16), cfg.epochs, threads, device)
-        result["bf16" if bf16 else "fp32"] = {"epoch_seconds": secs, "steady_s": _steady(secs)}
+        result["bf16" if bf16 else "fp32"] = {"epoch_seconds": secs, "steady_s": steady_mean(secs)}
     result["bf16_speedup"] = result["fp32"]["steady_s"] / result["bf16"]["steady_s"]
     return result

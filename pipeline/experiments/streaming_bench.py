@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 from pipeline.config import TrainConfig
+from pipeline.experiments.benchmark import steady_mean
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def _role(proc: Any) -> str:
         return "gone"
     if title.startswith("ray::"):
         name = title.split()[0][5:]
-        if "TrainWorker" in name or "RayTrainWorker" in name:
+        if "TrainWorker" in name:
             return "train_worker"
         if name in ("IDLE", "IDLE_SPILL_WORKER", "IDLE_RESTORE_WORKER"):
             return f"idle:{name}"
@@ -130,7 +131,9 @@ def streaming_run(
     sampled throughout; the run's per-epoch rows, rates and memory."""
     import ray
 
+    from feature_store import schema as S
     from feature_store.store import open_dataset
+    from pipeline.training.train_loop import id_checksum
     from pipeline.training.trainer import ensure_ray, run_training
 
     if ray.is_initialized():
@@ -147,9 +150,6 @@ def streaming_run(
         ray.shutdown()
     timings = s["epoch_timings"]
     mem = per_epoch(samples, [t["ended_at"] for t in timings], start)
-    from feature_store import schema as S
-    from pipeline.training.train_loop import id_checksum
-
     train_rows = ds.manifest["counts"]["train"]
     split_checksum = id_checksum(ds.read_arrays("train", [S.ITEM_ID])[S.ITEM_ID])
     epochs = []
@@ -195,8 +195,7 @@ def streaming_benchmark(
     }
 
     def steady(run: dict[str, Any], key: str) -> float:
-        eps = run["epochs"][1:] or run["epochs"]
-        return sum(e[key] for e in eps) / len(eps)
+        return steady_mean([e[key] for e in run["epochs"]])
 
     return {
         "runs": runs,

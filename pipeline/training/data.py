@@ -29,8 +29,9 @@ def training_dataset(ds: DatasetVersion, seed: int, workers: int, in_memory: boo
     Clean labels and the noise flag are dropped at the scan, so they never reach a worker. A
     split cached ``in_memory`` (see :func:`cached_in_memory`) is read once into the object
     store; each worker reads its shard from it once and shuffles it in memory every epoch
-    (``pipeline.training.epoch.MemoryShard``). Otherwise the split is streamed every epoch with
-    a seeded block order and the worker's local shuffle buffer (see ``local_shuffle_seed``).
+    (``pipeline.training.epoch.MemoryShard``). Otherwise the split is streamed every epoch as
+    row groups in a seeded order (:func:`streamed_row_groups`) through the worker's local shuffle
+    buffer (see ``local_shuffle_seed``).
     """
     # read through the version's own filesystem (local or s3://, settings from the AWS
     # environment); a noisy copy's labels are joined onto the shared feature files
@@ -61,7 +62,8 @@ def streamed_row_groups(
     from ray.data import RandomSeedConfig
 
     scan = ds.parquet_scan(split, columns)
-    n = pq.ParquetFile(scan.filesystem.open_input_file(scan.path)).metadata.num_row_groups
+    with scan.filesystem.open_input_file(scan.path) as f:
+        n = pq.ParquetFile(f).metadata.num_row_groups
 
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
         with scan.filesystem.open_input_file(scan.path) as f:
