@@ -251,8 +251,7 @@ def scbch_knn(args: argparse.Namespace) -> int:
     from pipeline.experiments.knn_bench import scbch_knn_benchmark
 
     if min(args.items, args.shards, args.bits, args.nprobe, args.subset) < 1:
-        log.error("--items, --shards, --bits, --nprobe and --subset must be ≥ 1")
-        return 2
+        raise ConfigError("--items, --shards, --bits, --nprobe and --subset must be ≥ 1")
     result = scbch_knn_benchmark(
         args.items, args.bits, args.shards, args.kind, args.nprobe, subset=args.subset,
         seed=args.seed,

@@ -155,14 +155,31 @@ def test_jobs_are_thin_doors():
     assert bad == []
 
 
-def test_readme_layout_lists_every_module():
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"^\s*([a-z_]+(?:/[a-z_]+)*)/?\s", block, flags=re.M))
-    missing = []
-    for mod, path in MODULES.items():
-        if path.name == "__init__.py" or path.name.startswith("_"):
+def readme_layout_paths(text: str) -> set[str]:
+    """Dotted module paths the README's layout block names, folders nesting by indentation."""
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    stack: list[str] = []
+    out = set()
+    for line in block.splitlines():
+        m = re.match(r"^( *)([a-z_]+)(/?)(?:\s|$)", line)
+        if not m or len(m[1]) % 2 or len(m[1]) > 6:  # blank, or a continuation line
             continue
-        if path.stem not in listed:
-            missing.append(mod)
+        depth = len(m[1]) // 2
+        stack = [*stack[:depth], m[2]]
+        out.add(".".join(stack))
+    return out
+
+
+def test_readme_layout_paths_nest_by_indentation():
+    text = "## Layout\n```\na/   x\n  b    y\n       more\n  c/   z\n    d  w\ne/\n```\n"
+    assert readme_layout_paths(text) == {"a", "a.b", "a.c", "a.c.d", "e"}
+
+
+def test_readme_layout_lists_every_module():
+    listed = readme_layout_paths((ROOT / "README.md").read_text())
+    missing = sorted(m for m, p in MODULES.items() if p.name != "__init__.py" and m not in listed)
     assert missing == [], f"README layout does not list: {missing}"
+    stale = sorted(
+        p for p in listed if _top(p) in PACKAGES and p not in MODULES and p.count(".") > 0
+    )
+    assert stale == [], f"README layout lists modules that do not exist: {stale}"
