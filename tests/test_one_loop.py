@@ -22,7 +22,7 @@ def _ml_dataset(tmp_path) -> str:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["rshnl", pytest.param("scbch", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["rshnl", "scbch"])
 def test_ray_worker_and_in_process_train_identically(method, ray_cluster, tiny_dataset, tmp_path):
     from pipeline.training.inprocess import train_in_process
     from pipeline.training.trainer import run_training
