@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture, LossTerms, rshnl_objective
-from pipeline.method.model import HashModel, model_from_arch
+from pipeline.method.model import HashModel, fixed_centers, model_from_arch
 from pipeline.method.scbch import TERM_NAMES as SCBCH_TERMS
 from pipeline.method.scbch import reliability_weights, scbch_objective
 
@@ -249,6 +249,30 @@ def loss_term_names(cfg: TrainConfig) -> tuple[str, str]:
 
 def build_model(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> HashModel:
     return model_from_arch(arch_of(cfg, dims, num_classes))
+
+
+def resolve_keep_rate(manifest: dict[str, Any]) -> float:
+    """Small-loss selection keeps 1 − the noise rate recorded for the data (at least 5 %)."""
+    return max(0.05, 1.0 - float(manifest.get("noise", {}).get("rate") or 0.0))
+
+
+def setup_model(
+    cfg: TrainConfig,
+    manifest: dict[str, Any],
+    dims: dict[str, int],
+    num_classes: int,
+    normalisation: dict[str, Any],
+) -> tuple[TrainConfig, HashModel]:
+    """The config with what the data decides (small-loss keep rate) and the model every executor
+    trains: feature normalisation (``{}``: none) and, for fixed RSHNL centers, the seeded ones."""
+    if cfg.weighting == "small_loss" and not cfg.keep_rate:
+        cfg = cfg.replace(keep_rate=resolve_keep_rate(manifest))
+    model = build_model(cfg, dims, num_classes)
+    for m, (mean, scale) in normalisation.items():
+        model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
+    if cfg.centers != "learned" and model.method == "rshnl":
+        model.center_net.centers.copy_(fixed_centers(cfg.centers, num_classes, cfg.bits, cfg.seed))
+    return cfg, model
 
 
 def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from feature_store.store import open_dataset
 from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture
-from pipeline.method.model import HashModel, fixed_centers
+from pipeline.method.model import HashModel
 from pipeline.method.suspects import (
     DETECTION_KEYS,
     SUSPECTS_FILE,
@@ -50,12 +50,12 @@ from pipeline.training.reliability import memory_rows, owned_rows
 from pipeline.training.step import (
     arch_of,
     assert_centers_synced,
-    build_model,
     center_checksum,
     epoch_gamma,
     is_distributed,
     make_optimizer,
     seed_everything,
+    setup_model,
 )
 
 log = logging.getLogger("pipeline.train")
@@ -67,11 +67,6 @@ _BATCH_DTYPES = {
     "text": torch.float32,
     "label": torch.float32,
 }
-
-
-def resolve_keep_rate(manifest: dict[str, Any]) -> float:
-    """Small-loss selection keeps 1 − the noise rate recorded for the data (at least 5 %)."""
-    return max(0.05, 1.0 - float(manifest.get("noise", {}).get("rate") or 0.0))
 
 
 class _Timer:
@@ -209,18 +204,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
     )
 
     ds = open_dataset(cfg.dataset, verify=False)  # the driver verified checksums
-    if cfg.weighting == "small_loss" and not cfg.keep_rate:
-        cfg = cfg.replace(keep_rate=resolve_keep_rate(ds.manifest))
     dims, k = ds.dims, ds.num_classes
-    model = build_model(cfg, dims, k)
-    for m, (mean, scale) in loop_config["normalisation"].items():
-        model.set_normalisation(m, torch.tensor(mean), torch.tensor(scale))
-    if cfg.centers != "learned":
-        buf = model.center_net.centers
-        if rank == 0:
-            buf.copy_(fixed_centers(cfg.centers, k, cfg.bits, cfg.seed))
-        if is_distributed():
-            dist.broadcast(buf, src=0)  # generated once on rank 0
+    cfg, model = setup_model(cfg, ds.manifest, dims, k, loop_config["normalisation"])
+    if cfg.centers != "learned" and is_distributed():
+        dist.broadcast(model.center_net.centers, src=0)  # rank 0's, bit for bit, on every rank
     arch = arch_of(cfg, dims, k)
 
     device = ray.train.torch.get_device()
