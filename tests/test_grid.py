@@ -55,7 +55,24 @@ def test_markdown_is_table1_shaped_with_mean_std_and_bold_best():
     assert rows[2] == "| T2I | RSHNL | **0.4200 ± 0.0283** | **0.2000 ± 0.0000** |"
     assert rows[3] == "| T2I | plain | 0.3100 ± 0.0141 | – |"
     assert "| Task | Method | 0.2 / 16 | 0.8 / 16 |" in md
-    assert "| RSHNL | 0.2 | 16 | 2 | 1.50 | 0.10 | 0.20 |" in md
+    assert "| RSHNL | 0.2 | 16 | 2 | ray | 1.50 | 0.10 | 0.20 |" in md
+    assert "†" not in md  # every cell trained through Ray
+
+
+def test_markdown_marks_cells_not_trained_through_ray():
+    recs = [
+        _record("RSHNL", 0.2, 16, 0, 0.50, 0.40),
+        _record("RSHNL", 0.2, 16, 1, 0.54, 0.44) | {"executor": "inprocess:cpu"},
+        _record("plain", 0.2, 16, 0, 0.60, 0.30) | {"executor": "ray"},
+        _record("plain", 0.8, 16, 0, 0.30, 0.20) | {"executor": "inprocess:cuda"},
+    ]
+    md = format_markdown(_spec(), recs)
+    assert "† trained by the in-process executor, not the Ray path." in md.splitlines()[0]
+    rows = [line for line in md.splitlines() if line.startswith("| I2T")]
+    assert rows[0] == "| I2T | RSHNL | 0.5200 ± 0.0283† | – |"
+    assert rows[1] == "| I2T | plain | **0.6000 ± 0.0000** | **0.3000 ± 0.0000**† |"
+    assert "| RSHNL | 0.2 | 16 | 2 | inprocess:cpu, ray | 1.50 | 0.10 | 0.20 |" in md
+    assert "| plain | 0.8 | 16 | 1 | inprocess:cuda | 1.50 | 0.10 | 0.20 |" in md
 
 
 def test_csv_has_one_row_per_cell():
