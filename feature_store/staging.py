@@ -20,6 +20,8 @@ import posixpath
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,19 @@ class _Staging:
                 self.abort()
                 _raise_write_error(e, store)
                 raise
+
+    @contextmanager
+    def writing(self) -> Iterator[_Staging]:
+        """Any error inside removes the version being written; storage errors become one line."""
+        try:
+            yield self
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError) and self.store.is_s3 and _is_s3_error(e):
+                raise s3_error(e, self.store, "write to") from e
+            if isinstance(e, OSError):
+                _raise_write_error(e, self.store)
+            raise
 
     def _key(self, fname: str) -> str:
         return posixpath.join(self.final.key, fname)

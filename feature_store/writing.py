@@ -20,15 +20,12 @@ import pyarrow.parquet as pq
 
 from feature_store import schema as S
 from feature_store.errors import FeatureStoreError
-from feature_store.location import s3_error
 from feature_store.noise import check_noise, corrupt, default_mode
 from feature_store.plan import ImportPlan
 from feature_store.reading import DatasetVersion, open_dataset
 from feature_store.staging import (
     FORMAT,
-    _is_s3_error,
     _now,
-    _raise_write_error,
     _Staging,
     check_target,
 )
@@ -145,7 +142,7 @@ def write_version(
     rows = rows_per_group or row_group_rows(dims["image"], dims["text"], k)
     schema = S.arrow_schema(dims["image"], dims["text"], k)
     staging = _Staging(loc, name, version)
-    try:
+    with staging.writing():
         files = {
             f"{split}.parquet": _write_split(staging, split, plan, schema, rows)
             for split in plan.splits
@@ -168,13 +165,6 @@ def write_version(
             rows_per_group=rows,
         )
         uri = staging.commit(manifest)
-    except BaseException as e:
-        staging.abort()
-        if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
-            raise s3_error(e, loc, "write to") from e
-        if isinstance(e, OSError):
-            _raise_write_error(e, loc)
-        raise
     log.info("wrote dataset %s/v%d %s", name, staging.number, manifest["counts"])
     return uri
 
@@ -254,7 +244,7 @@ def _derived_copy(
     m = base.manifest
     counts = dict(m["counts"])
     staging = _Staging(loc, name, version)
-    try:
+    with staging.writing():
         write_train(staging, files, layout, counts)
         k = base.num_classes
         manifest = _manifest(
@@ -282,13 +272,6 @@ def _derived_copy(
             "uri": base.uri,
         }
         uri = staging.commit(manifest)
-    except BaseException as e:
-        staging.abort()
-        if isinstance(e, OSError) and loc.is_s3 and _is_s3_error(e):
-            raise s3_error(e, loc, "write to") from e
-        if isinstance(e, OSError):
-            _raise_write_error(e, loc)
-        raise
     return uri
 
 
