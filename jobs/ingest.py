@@ -320,37 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# importer subcommand → (feature_store.formats function, the options it takes besides --input)
+_FORMAT_PLANS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "wiki-mat": ("plan_wiki_mat", ("valid_from_test",)),
+    "wiki-deep": ("plan_wiki_deep", ("valid_from_test", "label_base", "num_classes")),
+    "xmedia": ("plan_xmedia", ("valid_from_test", "label_base", "num_classes")),
+    "inria": ("plan_inria", ("label_base", "num_classes")),
+    "xmedianet": ("plan_xmedianet", ("label_base", "num_classes")),
+    "multilabel-h5": ("plan_multilabel_h5", ("valid_from_query", "num_classes")),
+}
+
+
 def _plan(args: argparse.Namespace) -> ImportPlan:
     """Read the input named on the command line into an import plan."""
     from feature_store import formats as F
 
     cmd = args.command
-    if cmd == "wiki-mat":
-        return F.plan_wiki_mat(args.input, valid_from_test=args.valid_from_test)
-    if cmd == "wiki-deep":
-        return F.plan_wiki_deep(
-            args.input,
-            valid_from_test=args.valid_from_test,
-            label_base=args.label_base,
-            num_classes=args.num_classes,
-        )
-    if cmd == "xmedia":
-        return F.plan_xmedia(
-            args.input,
-            valid_from_test=args.valid_from_test,
-            label_base=args.label_base,
-            num_classes=args.num_classes,
-        )
-    if cmd == "inria":
-        return F.plan_inria(args.input, label_base=args.label_base, num_classes=args.num_classes)
-    if cmd == "xmedianet":
-        return F.plan_xmedianet(
-            args.input, label_base=args.label_base, num_classes=args.num_classes
-        )
-    if cmd == "multilabel-h5":
-        return F.plan_multilabel_h5(
-            args.input, valid_from_query=args.valid_from_query, num_classes=args.num_classes
-        )
+    if cmd in _FORMAT_PLANS:
+        func, options = _FORMAT_PLANS[cmd]
+        return getattr(F, func)(args.input, **{o: getattr(args, o) for o in options})
     if cmd == "plain":
         return _plain_plan(args)
     return _synthetic_plan(args)
