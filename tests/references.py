@@ -265,3 +265,49 @@ def random_ranking_map(query_labels: Any, db_labels: Any) -> float:
     ql, dl = np.asarray(query_labels) > 0, np.asarray(db_labels) > 0
     rel = (ql.astype(np.int64) @ dl.astype(np.int64).T) > 0
     return float(np.mean([random_ranking_ap(int(row.sum()), dl.shape[0]) for row in rel]))
+
+
+# ---------- SCBCH reliability: loops over items, float64, (sim desc, id asc) ----------
+
+
+def _unit(v: Any) -> list[float]:
+    n = math.sqrt(sum(float(x) * float(x) for x in v))
+    return [float(x) / max(n, 1e-12) for x in v]
+
+
+def reliability_neighbours_loop(img: Any, txt: Any, ids: Any, k: int) -> list[list[tuple]]:
+    """Per item: the k (sim, id) pairs with the largest sim_ij, j ≠ i, ties by smaller id."""
+    im = [_unit(r) for r in img]
+    tx = [_unit(r) for r in txt]
+    n = len(ids)
+    k = min(k, n - 1)
+    out = []
+    for i in range(n):
+        cand = []
+        for j in range(n):
+            if j == i:
+                continue
+            a = sum(x * y for x, y in zip(im[i], tx[j], strict=True))
+            b = sum(x * y for x, y in zip(tx[i], im[j], strict=True))
+            cand.append((0.5 * (a + b), int(ids[j]), j))
+        cand.sort(key=lambda t: (-t[0], t[1]))
+        out.append(cand[:k])
+    return out
+
+
+def reliability_weights_loop(
+    img: Any, txt: Any, labels: Any, ids: Any, k: int, g: float
+) -> np.ndarray:
+    """SCBCH's reliability w_i = g + (1 − g)·cos(ŷ_i, y_i), ŷ_i = Σ_j (1 + s_ij)/2 · y_j over
+    the k cross-modal neighbours j of i (loops, float64)."""
+    w = []
+    for i, nbrs in enumerate(reliability_neighbours_loop(img, txt, ids, k)):
+        y_hat = [0.0] * len(labels[0])
+        for s, _, j in nbrs:
+            for c in range(len(labels[0])):
+                y_hat[c] += 0.5 * (1.0 + s) * float(labels[j][c])
+        y = [float(v) for v in labels[i]]
+        dot = sum(a * b for a, b in zip(y_hat, y, strict=True))
+        den = math.sqrt(sum(a * a for a in y_hat)) * math.sqrt(sum(b * b for b in y))
+        w.append(g + (1.0 - g) * (dot / den if den > 0 else 0.0))
+    return np.array(w)

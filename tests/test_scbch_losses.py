@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import references as R
 import torch
 
 from pipeline.method import scbch as S
@@ -85,23 +86,7 @@ def _transpose(m):
 
 
 def _reliability_loop(img, txt, y, k, g) -> list[float]:
-    n = len(y)
-    k = min(k, n - 1)
-    out = []
-    for i in range(n):
-        cand = []
-        for j in range(n):
-            if j == i:
-                continue
-            s = 0.5 * (_cos(img[i], txt[j]) + _cos(txt[i], img[j]))
-            cand.append((-s, j, s))
-        cand.sort()
-        y_hat = [0.0] * len(y[i])
-        for _, j, s in cand[:k]:
-            for c in range(len(y_hat)):
-                y_hat[c] += 0.5 * (1.0 + s) * y[j][c]
-        out.append(g + (1.0 - g) * _cos(y_hat, y[i]))
-    return out
+    return R.reliability_weights_loop(img, txt, y, range(len(y)), k, g).tolist()
 
 
 def _example(seed: int = 0, b: int = 3, bits: int = 4):

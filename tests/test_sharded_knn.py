@@ -3,12 +3,12 @@ uneven shards, exact ties, self-exclusion, k clipping, and the torch.distributed
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 
 import numpy as np
 import pytest
+import references as R
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,48 +19,6 @@ from pipeline.method.scbch import reliability_weights
 from pipeline.training.epoch import epoch_pair_weights
 from pipeline.training.reliability import rank_reliability
 from pipeline.training.step import build_model, train_set_reliability
-
-# ---------- a literal reference: loops over items, float64, (sim desc, id asc) ----------
-
-
-def _unit(v: np.ndarray) -> list[float]:
-    n = math.sqrt(sum(float(x) * float(x) for x in v))
-    return [float(x) / max(n, 1e-12) for x in v]
-
-
-def _ref_neighbours(img, txt, ids, k):
-    """Per item: the k (sim, id) pairs with the largest sim_ij, j ≠ i, ties by smaller id."""
-    im = [_unit(r) for r in img]
-    tx = [_unit(r) for r in txt]
-    n = len(ids)
-    k = min(k, n - 1)
-    out = []
-    for i in range(n):
-        cand = []
-        for j in range(n):
-            if j == i:
-                continue
-            a = sum(x * y for x, y in zip(im[i], tx[j], strict=True))
-            b = sum(x * y for x, y in zip(tx[i], im[j], strict=True))
-            cand.append((0.5 * (a + b), int(ids[j]), j))
-        cand.sort(key=lambda t: (-t[0], t[1]))
-        out.append(cand[:k])
-    return out
-
-
-def _ref_weights(img, txt, labels, ids, k, g):
-    w = []
-    for i, nbrs in enumerate(_ref_neighbours(img, txt, ids, k)):
-        y_hat = [0.0] * labels.shape[1]
-        for s, _, j in nbrs:
-            for c in range(labels.shape[1]):
-                y_hat[c] += 0.5 * (1.0 + s) * float(labels[j, c])
-        y = [float(v) for v in labels[i]]
-        dot = sum(a * b for a, b in zip(y_hat, y, strict=True))
-        den = math.sqrt(sum(a * a for a in y_hat)) * math.sqrt(sum(b * b for b in y))
-        w.append(g + (1.0 - g) * (dot / den if den > 0 else 0.0))
-    return np.array(w)
-
 
 # ---------- data ----------
 
@@ -124,7 +82,7 @@ def test_sharded_weights_equal_brute_force_for_1_2_3_uneven_shards(data):
     img, txt, labels = data()
     n, k, g = img.shape[0], 6, 0.3
     ids = np.arange(n, dtype=np.int64)
-    ref = _ref_weights(img, txt, labels, ids, k, g)
+    ref = R.reliability_weights_loop(img, txt, labels, ids, k, g)
     torch_ref = reliability_weights(
         torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(labels), k=k, g=g
     ).numpy()
@@ -146,7 +104,7 @@ def test_neighbour_sets_and_tie_rule_match_brute_force(data):
     n, k = img.shape[0], 6
     # ids not in row order: the tie rule follows the item id, self-exclusion the id too
     ids = np.random.default_rng(5).permutation(np.arange(1000, 1000 + 3 * n, 3)).astype(np.int64)
-    ref = _ref_neighbours(img, txt, ids, k)
+    ref = R.reliability_neighbours_loop(img, txt, ids, k)
     for _, sizes in _shardings(n):
         scores, nbr = _sharded_neighbours(img, txt, ids, sizes, k)
         for i in range(n):
@@ -174,7 +132,7 @@ def test_ties_beyond_the_proposed_candidates_are_resolved_by_the_full_scan(monke
 def test_k_is_clipped_to_n_minus_one_and_a_single_item_gets_g():
     img, txt, labels = _continuous(n=4)
     ids = np.arange(4, dtype=np.int64)
-    ref = _ref_weights(img, txt, labels, ids, 20, 0.5)
+    ref = R.reliability_weights_loop(img, txt, labels, ids, 20, 0.5)
     for sizes in ([4], [1, 3], [2, 1, 1]):
         np.testing.assert_allclose(_sharded(img, txt, labels, ids, sizes, 20, 0.5), ref, atol=1e-6)
     one = knn.sharded_reliability([(ids[:1], img[:1], txt[:1], labels[:1])], k=20, g=0.25)
