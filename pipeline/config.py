@@ -15,6 +15,9 @@ from pipeline.method.bounds import ell_max
 
 log = logging.getLogger(__name__)
 
+# the weightings of pipeline.method.losses.WEIGHTINGS (named here so the config needs no torch)
+WEIGHTING_NAMES = ("spl", "hard", "none", "small_loss", "mixture")
+
 NUM_MODALITIES = 2
 MAX_BITS = 4096  # widest code: the default hidden width of the hash heads
 
@@ -148,7 +151,7 @@ class TrainConfig:
             "must be 'auto', 'on' or 'off'",
         )
         need(
-            self.weighting in ("spl", "hard", "none", "small_loss", "mixture"),
+            self.weighting in WEIGHTING_NAMES,
             "weighting",
             "must be 'spl', 'hard', 'none', 'small_loss' or 'mixture'",
         )

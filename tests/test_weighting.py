@@ -205,3 +205,16 @@ def test_mixture_weights_are_calibrated_on_known_noise(noisy_set):
     assert d["clean_mean_weight"] >= 0.8 and d["noisy_mean_weight"] <= 0.2
     assert all(a >= 0.95 for a in s["history"]["noise_auc"][cfg.warmup_epochs :])
     assert train_in_process(cfg)["noise_detection"] == d  # deterministic given the seed
+
+
+def test_every_configurable_weighting_has_an_implementation():
+    from pipeline.config import WEIGHTING_NAMES
+    from pipeline.method.losses import WEIGHTINGS
+
+    assert set(WEIGHTING_NAMES) == set(WEIGHTINGS)
+    with pytest.raises(ValueError, match="unknown weighting 'nope'"):
+        h = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+        L.rshnl_objective(
+            h, h, h[:2], torch.eye(2)[[0, 1, 0, 1]], epoch=0, warmup_epochs=1, gamma=1.0,
+            alpha=0.1, r=0.1, weighting="nope",
+        )  # fmt: skip

@@ -237,6 +237,62 @@ class LossTerms:
     predicted: torch.Tensor | None = None  # per-item class argmax_k Σ_m p(k | x_i^m), for reports
 
 
+@dataclass(frozen=True)
+class WeightingInputs:
+    """What a weighting sees of one batch after warm-up."""
+
+    ell: torch.Tensor  # per-item ℓ_i (Eq 10)
+    gamma: float
+    keep_rate: float
+    mixture: LossMixture | None
+    # ℓ_i of each pair toward the model's predicted class (pseudo-labels), computed on demand
+    ell_predicted: Any = None
+
+
+def mixture_weights(ell: torch.Tensor, mixture: LossMixture | None) -> torch.Tensor:
+    """w_i = P(clean | ℓ_i) under the previous epoch's mixture; all ones without one."""
+    return mixture.clean_posterior(ell) if mixture is not None else torch.ones_like(ell)
+
+
+def _spl(x: WeightingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    w = spl_weights(x.ell, x.gamma)
+    return w, self_paced_loss(x.ell, w, x.gamma)
+
+
+def _hard(x: WeightingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    w = hard_weights(x.ell, x.gamma)
+    return w, (w * x.ell).mean()
+
+
+def _none(x: WeightingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones_like(x.ell), center_aggregation_loss(x.ell)
+
+
+def _small_loss(x: WeightingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    w = small_loss_weights(x.ell, x.keep_rate)
+    return w, (w * x.ell).sum() / w.sum().clamp_min(1.0)
+
+
+def _mixture(x: WeightingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    w = mixture_weights(x.ell, x.mixture)
+    center = (w * x.ell).mean()
+    if x.ell_predicted is not None:
+        center = center + ((1.0 - w) * x.ell_predicted()).mean()
+    return w, center
+
+
+# After warm-up: weighting name → (w_i, the center term). "spl" is Eq 12 / L_S of Eq 13;
+# "hard" RSHNL-S; "none" L_p throughout (RSHNL-3, plain); "small_loss" keeps ``keep_rate`` of
+# the batch with the smallest ℓ_i (mean over the kept); "mixture" w_i = P(clean | ℓ_i).
+WEIGHTINGS: dict[str, Any] = {
+    "spl": _spl,
+    "hard": _hard,
+    "none": _none,
+    "small_loss": _small_loss,
+    "mixture": _mixture,
+}
+
+
 def rshnl_objective(
     h_image: torch.Tensor,
     h_text: torch.Tensor,
@@ -259,46 +315,37 @@ def rshnl_objective(
     mixture: LossMixture | None = None,
     pseudo_labels: bool = False,
 ) -> LossTerms:
-    """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then L_S + α L_C.
+    """L of Eq 9: L_p + α L_C while epoch < N_w (0-based), then the ``weighting``'s center term
+    (:data:`WEIGHTINGS`; "spl": L_S of Eq 13) + α L_C.
 
     ``all_codes``/``offset``: CHL negatives from every worker (see ``chl_probabilities``).
-    Variants for ablations and baselines after warm-up: ``weighting`` "spl" (Eq 12), "hard"
-    (RSHNL-S), "none" (L_p throughout, RSHNL-3 / plain), "small_loss" (keep ``keep_rate`` of the
-    batch with the smallest ℓ_i, mean over the kept), "mixture" (w_i = P(clean | ℓ_i) under
-    ``mixture``, the previous epoch's fit; all ones without one); ``loss_form`` "ce" swaps the
-    robust terms of Eq 3/7 for −log p. ``tau_center`` > 0 is τ of Eq 4 alone (0: ``tau``).
+    ``loss_form`` "ce" swaps the robust terms of Eq 3/7 for −log p. ``tau_center`` > 0 is τ of
+    Eq 4 alone (0: ``tau``). During warm-up the weights are still computed, for monitoring.
     ``pseudo_labels`` (mixture weighting, after warm-up): each pair's remaining weight 1 − w_i
     goes to ℓ_i of the model's predicted class (``predicted_class``), so a suspect pair is
     pulled to the center it sits nearest instead of being dropped.
     """
-    codes = [h_image, h_text]
-    l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset, loss_form)
-    ell = pair_losses(codes, centers, labels, tau_center or tau, r, loss_form)
-    predicted = predicted_class(codes, centers, tau_center or tau)
-    w = spl_weights(ell, gamma)
-    if weighting == "mixture":
-        w = mixture.clean_posterior(ell) if mixture is not None else torch.ones_like(ell)
-    warm = epoch < warmup_epochs
-    if warm or weighting == "none":
-        center = center_aggregation_loss(ell)
-    elif weighting == "spl":
-        center = self_paced_loss(ell, w, gamma)
-    elif weighting == "hard":
-        w = hard_weights(ell, gamma)
-        center = (w * ell).mean()
-    elif weighting == "small_loss":
-        w = small_loss_weights(ell, keep_rate)
-        center = (w * ell).sum() / w.sum().clamp_min(1.0)
-    elif weighting == "mixture":
-        center = (w * ell).mean()
-        if pseudo_labels:
-            pred = torch.nn.functional.one_hot(predicted, centers.shape[0]).to(ell.dtype)
-            ell_pred = pair_losses(codes, centers, pred, tau_center or tau, r, loss_form)
-            center = center + ((1.0 - w) * ell_pred).mean()
-    else:
+    if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}")
-    if weighting == "none" and not warm:
-        w = torch.ones_like(ell)
+    codes = [h_image, h_text]
+    tau_c = tau_center or tau
+    l_c = chl_loss(codes, tau, r, exclude_self, all_codes, offset, loss_form)
+    ell = pair_losses(codes, centers, labels, tau_c, r, loss_form)
+    predicted = predicted_class(codes, centers, tau_c)
+    warm = epoch < warmup_epochs
+    if warm:
+        w = mixture_weights(ell, mixture) if weighting == "mixture" else spl_weights(ell, gamma)
+        center = center_aggregation_loss(ell)
+    else:
+
+        def ell_predicted() -> torch.Tensor:
+            pred = torch.nn.functional.one_hot(predicted, centers.shape[0]).to(ell.dtype)
+            return pair_losses(codes, centers, pred, tau_c, r, loss_form)
+
+        inputs = WeightingInputs(
+            ell, gamma, keep_rate, mixture, ell_predicted if pseudo_labels else None
+        )
+        w, center = WEIGHTINGS[weighting](inputs)
     return LossTerms(
         total=center + alpha * l_c,
         chl=l_c.detach(),
