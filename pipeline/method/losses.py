@@ -7,6 +7,7 @@ L2-normalised outputs of the hash heads.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -246,7 +247,7 @@ class WeightingInputs:
     keep_rate: float
     mixture: LossMixture | None
     # ℓ_i of each pair toward the model's predicted class (pseudo-labels), computed on demand
-    ell_predicted: Any = None
+    ell_predicted: Callable[[], torch.Tensor] | None = None
 
 
 def mixture_weights(ell: torch.Tensor, mixture: LossMixture | None) -> torch.Tensor:
@@ -284,7 +285,7 @@ def _mixture(x: WeightingInputs) -> tuple[torch.Tensor, torch.Tensor]:
 # After warm-up: weighting name → (w_i, the center term). "spl" is Eq 12 / L_S of Eq 13;
 # "hard" RSHNL-S; "none" L_p throughout (RSHNL-3, plain); "small_loss" keeps ``keep_rate`` of
 # the batch with the smallest ℓ_i (mean over the kept); "mixture" w_i = P(clean | ℓ_i).
-WEIGHTINGS: dict[str, Any] = {
+WEIGHTINGS: dict[str, Callable[[WeightingInputs], tuple[torch.Tensor, torch.Tensor]]] = {
     "spl": _spl,
     "hard": _hard,
     "none": _none,
