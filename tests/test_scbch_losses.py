@@ -506,8 +506,9 @@ def _objective_inputs(dtype: torch.dtype = torch.float32):
 HP = dict(alpha=0.7, beta=0.3, margin=0.2, shift=0.1, tau=0.3, separation_weight=0.5)
 
 
-def _objective_ref(u_img, u_txt, li, lt, y, w) -> float:
-    """alpha·(contrastive + s·separation) + beta·quantization + mean_i w_i c_i, in plain Python."""
+def _objective_ref(u_img, u_txt, li, lt, y, w) -> dict:
+    """alpha·(contrastive + s·separation) + beta·quantization + mean_i w_i c_i and its parts, in
+    plain Python."""
     sim, jac = _pairs(u_img, u_txt, y)
     bsch = _contrastive_ref(sim, jac, HP["margin"], HP["tau"], 0.5)
     bsch += HP["separation_weight"] * _separation_ref(sim, jac, HP["shift"], HP["tau"])
@@ -527,7 +528,8 @@ def _objective_ref(u_img, u_txt, li, lt, y, w) -> float:
         for i in range(len(rows))
     ]
     cls = sum(wi * ci for wi, ci in zip(w, c, strict=True)) / len(c)
-    return HP["alpha"] * bsch + HP["beta"] * q + cls
+    total = HP["alpha"] * bsch + HP["beta"] * q + cls
+    return {"total": total, "bsch": bsch, "quant": q, "cls": cls, "per_item": c}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -536,10 +538,17 @@ def test_objective_total_matches_loop_reference(dtype):
     w = torch.tensor([1.0, 0.5, 0.75, 0.6], dtype=dtype, requires_grad=True)
     terms = S.scbch_objective(u_img, u_txt, li, lt, y, w, **HP)
     ref = _objective_ref(u_img, u_txt, li, lt, y, w.tolist())
-    assert terms.total.item() == pytest.approx(ref, rel=1e-5 if dtype == torch.float32 else 1e-10)
+    rel = 1e-5 if dtype == torch.float32 else 1e-10
+    assert terms.total.item() == pytest.approx(ref["total"], rel=rel)
+    assert terms.contrastive.item() == pytest.approx(ref["bsch"], rel=rel)
+    assert terms.quantization.item() == pytest.approx(ref["quant"], rel=rel)
+    assert terms.classification.item() == pytest.approx(ref["cls"], rel=rel)
+    assert terms.per_item.tolist() == pytest.approx(ref["per_item"], rel=rel)
     for t in (terms.contrastive, terms.quantization, terms.classification, terms.per_item):
         assert not t.requires_grad
     terms.total.backward()
+    for p in (u_img, u_txt, li, lt):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     assert w.grad is None  # the reliability weights are constants of the step
 
 
