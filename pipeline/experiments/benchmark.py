@@ -68,15 +68,14 @@ def scaling(
 ) -> dict[str, Any]:
     """Steady-state seconds per epoch of the plain loop and of Ray Train with each worker count
     and each checkpoint policy (``checkpoint_every``; default: the config's), per phase for Ray,
-    samples per second and the Ray-1-worker / plain ratios per policy."""
+    samples per second and the Ray-1-worker / plain ratios per policy. The plain loop runs before
+    and after the Ray runs; the baseline is the mean of the two."""
     from feature_store.store import open_dataset
     from pipeline.training.trainer import run_training
 
     n_train = open_dataset(cfg.dataset).manifest["counts"]["train"]
     rows: list[dict[str, Any]] = []
-    plain = plain_loop_seconds(cfg, cfg.epochs, threads)
-    steady = steady_mean(plain)
-    rows.append({"mode": "plain", "workers": 1, "train_s": steady, "wall_s": steady})
+    before = plain_loop_seconds(cfg, cfg.epochs, threads)
     policies = checkpoint_every or [cfg.checkpoint_every]
     for w in worker_counts:
         for every in policies:
@@ -96,11 +95,25 @@ def scaling(
             row["wall_s"] = steady_mean([e.get("wall", 0.0) for e in t])
             row["epoch_wall_s"] = [e.get("wall", 0.0) for e in t]
             rows.append(row)
+    # The plain loop runs before and after the Ray runs: their mean is the baseline, and the
+    # drift between them says how far the machine's speed moved during the comparison.
+    import ray
+
+    ray.shutdown()  # as before the Ray runs: no Ray processes beside the plain loop
+    after = plain_loop_seconds(cfg, cfg.epochs, threads)
+    plain_rows = [
+        {"mode": f"plain ({when})", "workers": 1, "epoch_wall_s": secs}
+        for when, secs in (("before", before), ("after", after))
+    ]
+    for r in plain_rows:
+        r["train_s"] = r["wall_s"] = steady_mean(r["epoch_wall_s"])
+    steady = (plain_rows[0]["train_s"] + plain_rows[1]["train_s"]) / 2
+    base = {"mode": "plain", "workers": 1, "train_s": steady, "wall_s": steady}
+    rows = [base, *plain_rows, *rows]
     for r in rows:
         r["samples_per_s"] = n_train / r["train_s"]
         r["outside_step_s"] = r["wall_s"] - (r.get("step", r["train_s"]))
-    base = rows[0]
-    ratios = {}
+    ratios = {"plain_after_over_before": plain_rows[1]["train_s"] / plain_rows[0]["train_s"]}
     for one in (r for r in rows if r["mode"] == "ray" and r["workers"] == 1):
         tag = "" if len(policies) == 1 else f"_every{one['checkpoint_every']}"
         ratios[f"ray1_train_over_plain{tag}"] = one["train_s"] / base["train_s"]
