@@ -311,3 +311,63 @@ def reliability_weights_loop(
         den = math.sqrt(sum(a * a for a in y_hat)) * math.sqrt(sum(b * b for b in y))
         w.append(g + (1.0 - g) * (dot / den if den > 0 else 0.0))
     return np.array(w)
+
+
+def reliability_weights_intra_loop(
+    img: Any, txt: Any, labels: Any, ids: Any, k: int, g: float
+) -> np.ndarray:
+    """SCBCH's reliability in the authors' form: neighbours by s_ij = ½(cos(img_i, img_j) +
+    cos(txt_i, txt_j)), j ≠ i, ties by smaller id; ŷ_i = Σ_j s_ij·y_j / (Σ_j s_ij + 1e-8)."""
+    im = [_unit(r) for r in img]
+    tx = [_unit(r) for r in txt]
+    n = len(ids)
+    k = min(k, n - 1)
+    w = []
+    for i in range(n):
+        cand = []
+        for j in range(n):
+            if j != i:
+                a = sum(x * y for x, y in zip(im[i], im[j], strict=True))
+                b = sum(x * y for x, y in zip(tx[i], tx[j], strict=True))
+                cand.append((0.5 * (a + b), int(ids[j]), j))
+        cand.sort(key=lambda t: (-t[0], t[1]))
+        total = sum(s for s, _, _ in cand[:k]) + 1e-8
+        y_hat = [0.0] * len(labels[0])
+        for s, _, j in cand[:k]:
+            for c in range(len(labels[0])):
+                y_hat[c] += s / total * float(labels[j][c])
+        y = [float(v) for v in labels[i]]
+        dot = sum(a * b for a, b in zip(y_hat, y, strict=True))
+        den = math.sqrt(sum(a * a for a in y_hat)) * math.sqrt(sum(b * b for b in y))
+        w.append(g + (1.0 - g) * (dot / den if den > 0 else 0.0))
+    return np.array(w)
+
+
+def upstream_contrastive_loop(
+    u_img: Any, u_txt: Any, labels: Any, margin: float, shift: float, tau: float
+) -> float:
+    """The authors' SCBCH contrastive loss, entry by entry (S = u_img·u_txtᵀ, T = Jaccard)."""
+    ui, ut, y = (np.asarray(a, dtype=np.float64).tolist() for a in (u_img, u_txt, labels))
+    n = len(ui)
+    S = [
+        [sum(a * b for a, b in zip(ui[i], ut[j], strict=True)) for j in range(n)] for i in range(n)
+    ]
+
+    def jac(a: list[float], b: list[float]) -> float:
+        inter = sum(1 for x, z in zip(a, b, strict=True) if x > 0 and z > 0)
+        union = sum(1 for x, z in zip(a, b, strict=True) if x > 0 or z > 0)
+        return inter / union if union else 0.0
+
+    ranking = positive = 0.0
+    for i in range(n):
+        for j in range(n):
+            t = jac(y[i], y[j])
+            c_txt = S[i][j] if S[i][j] >= S[i][i] - margin else S[i][j] - shift
+            c_img = S[i][j] if S[i][j] >= S[j][j] - margin else S[i][j] - shift
+            if i == j:
+                c_txt, c_img = max(c_txt, 0.0), max(c_img, 0.0)
+            ranking += tau * math.exp(c_txt / tau * (1 - t)) + tau * math.exp(c_img / tau * (1 - t))
+            if i != j and t > 0:
+                positive += math.exp(shift - S[i][j])
+    diag = sum(S[i][i] for i in range(n)) / n
+    return ranking / (n * n) + positive / (n * n) - diag

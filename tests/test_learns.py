@@ -146,15 +146,18 @@ def multilabel_set(tmp_path_factory: pytest.TempPathFactory) -> str:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["rshnl", "scbch"])
+@pytest.mark.parametrize("method", ["rshnl", "scbch:project", "scbch:upstream"])
 def test_training_learns_on_noisy_multilabel_data(multilabel_set, method):
     from pipeline.training.inprocess import train_in_process
+
+    method, _, form = method.partition(":")
+    extra = {"scbch_form": form} if form else {}
 
     ds = open_dataset(multilabel_set)
     query, db = (ds.read_arrays(split, [S.LABEL])[S.LABEL] for split in ("query", "database"))
     baseline = R.random_ranking_map(query, db)  # query vs database, relevant = a shared label
     assert 0.25 < baseline < 0.4
-    cfg = _cfg(multilabel_set, method=method, eval_top_k=50, scbch_k=5)
+    cfg = _cfg(multilabel_set, method=method, eval_top_k=50, scbch_k=5, **extra)
     s = train_in_process(cfg)
     valid = s["history"]["valid_map_mean"]
     assert valid[-1] > valid[0] + 0.05, valid

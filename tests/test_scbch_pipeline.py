@@ -31,32 +31,34 @@ def _data():
     return image, text, label
 
 
-def _cfg() -> TrainConfig:
+def _cfg(form: str = "upstream") -> TrainConfig:
     return TrainConfig(
-        dataset="x", method="scbch", bits=8, hidden_dim=16, scbch_k=4, eval_batch_size=5
-    )
+        dataset="x", method="scbch", bits=8, hidden_dim=16, scbch_k=4, eval_batch_size=5,
+        scbch_form=form,
+    )  # fmt: skip
 
 
-def _model() -> RSHNLModel:
+def _model(form: str = "upstream") -> RSHNLModel:
     torch.manual_seed(0)
-    return build_model(_cfg(), {"image": DI, "text": DT}, K)
+    return build_model(_cfg(form), {"image": DI, "text": DT}, K)
 
 
-def _worker(rank: int, init: str, out: str) -> None:
+def _worker(rank: int, init: str, out: str, form: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    w = train_set_reliability(_model(), *_data(), _cfg())
+    w = train_set_reliability(_model(form), *_data(), _cfg(form))
     Path(out, f"{rank}.json").write_text(json.dumps(w.tolist()))
     finish_worker()
 
 
-def test_weights_are_equal_on_one_and_two_workers(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("form", ["project", "upstream"])
+def test_weights_are_equal_on_one_and_two_workers(tmp_path, form):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), form), nprocs=2)
     two = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
-    one = train_set_reliability(_model(), *_data(), _cfg()).tolist()
+    one = train_set_reliability(_model(form), *_data(), _cfg(form)).tolist()
     assert two[0] == two[1]  # every rank holds the same weights
     assert max(abs(a - b) for a, b in zip(one, two[0], strict=True)) < 1e-6
     image, text, label = _data()
-    m = _model()
+    m = _model(form)
     with torch.no_grad():
         ref = reliability_weights(
             m.encode(torch.from_numpy(image), "image"),
@@ -64,19 +66,22 @@ def test_weights_are_equal_on_one_and_two_workers(tmp_path):
             torch.from_numpy(label),
             k=4,
             g=0.5,
+            neighbours="intra" if form == "upstream" else "cross",
         )
     assert one == pytest.approx(ref.tolist(), abs=1e-6)
     assert min(one) >= 0.5 and max(one) <= 1.0
 
 
-def test_scbch_model_has_classifiers_and_raw_tanh_codes():
-    m = _model()
+@pytest.mark.parametrize("form", ["project", "upstream"])
+def test_scbch_model_has_classifiers_and_tanh_codes(form):
+    m = _model(form)
     image, text, label = (torch.from_numpy(a[:8]) for a in _data())
     u_img, _, _, lg_img, lg_txt = m(image, text)
     assert lg_img.shape == (8, K) and lg_txt.shape == (8, K)
-    assert not torch.allclose(u_img.norm(dim=1), torch.ones(8))  # not L2-normalised
+    unit = torch.allclose(u_img.norm(dim=1), torch.ones(8))
+    assert unit == (form == "upstream")  # only the upstream form L2-normalises the codes
     assert u_img.abs().max() < 1
-    terms = compute_loss(m, image, text, label, _cfg().replace(warmup_epochs=0), 3, False,
+    terms = compute_loss(m, image, text, label, _cfg(form).replace(warmup_epochs=0), 3, False,
                          torch.full((8,), 0.5))  # fmt: skip
     terms.total.backward()
     assert all(p.grad is not None for p in m.parameters())  # no unused parameter under DDP

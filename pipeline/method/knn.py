@@ -7,7 +7,8 @@ i is q_i = [î_i, t̂_i] and the database row of item j is d_j = [t̂_j, î_j], 
     q_i · d_j = cos(img_i, txt_j) + cos(txt_i, img_j) = 2·sim_ij
 
 and one inner-product search over the d_j gives the k nearest cross-modal neighbours of
-:func:`pipeline.method.scbch.reliability_weights`.
+:func:`pipeline.method.scbch.reliability_weights`. Intra-modal neighbours (its
+``neighbours="intra"``) use d_j = q_j: q_i · q_j = cos(img_i, img_j) + cos(txt_i, txt_j).
 
 Sharding. Every shard holds the d_j of the items it owns (:class:`ShardIndex`); a query is
 searched in every shard, each returns its own top k, and :func:`merge_topk` keeps the k best of
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 NO_ID = np.iinfo(np.int64).max  # padding of a top-k row with fewer than k neighbours
 KINDS = ("flat", "ivf")
+NEIGHBOURS = ("cross", "intra")
 _EXTRA = 8  # candidates beyond k + 1 that the float32 search proposes
 _PAIR_BLOCK = 1 << 22  # float64 elements per block of pairwise recomputation
 
@@ -128,14 +130,19 @@ class ShardIndex:
         nlist: int = 0,
         nprobe: int = 16,
         seed: int = 0,
+        neighbours: str = "cross",
     ) -> ShardIndex:
-        """The index of a shard from its items' queries (:func:`cross_modal_vectors`).
+        """The index of a shard from its items' queries (:func:`cross_modal_vectors`); database
+        rows are the swapped queries for ``neighbours`` "cross", the queries for "intra".
 
         ``ivf``: ``nlist`` lists (0: 4·√n, at most n / 39), k-means on at most 64 points per
         list, seeded."""
         if kind not in KINDS:
             raise ValueError(f"unknown kNN index kind {kind!r}; expected one of {KINDS}")
-        db = swap_halves(np.asarray(queries, dtype=np.float32))
+        if neighbours not in NEIGHBOURS:
+            raise ValueError(f"neighbours must be one of {NEIGHBOURS}, got {neighbours!r}")
+        q32 = np.asarray(queries, dtype=np.float32)
+        db = swap_halves(q32) if neighbours == "cross" else np.ascontiguousarray(q32.copy())
         ids = np.asarray(ids, dtype=np.int64)
         if kind == "flat" or db.shape[0] < 2:
             return cls(db, ids, "flat")
@@ -254,19 +261,26 @@ def neighbour_weights(
     own_labels: np.ndarray,
     table: LabelTable,
     g: float,
+    neighbours: str = "cross",
 ) -> np.ndarray:
-    """w_i = g + (1 − g)·cos(ŷ_i, y_i), ŷ_i = Σ_j ½(1 + sim_ij)·y_j over the row's neighbours
-    (``scores`` = 2·sim; ``NO_ID`` entries ignored); float32 (m,)."""
+    """w_i = g + (1 − g)·cos(ŷ_i, y_i) over the row's neighbours (``scores`` = 2·sim; ``NO_ID``
+    entries ignored); float32 (m,). ``neighbours`` "cross": ŷ_i = Σ_j ½(1 + sim_ij)·y_j;
+    "intra": ŷ_i = Σ_j sim_ij·y_j / (Σ_j sim_ij + 1e-8)."""
     y = np.asarray(own_labels, dtype=np.float64)
     k = nbr_ids.shape[1]
     y_hat = np.zeros_like(y)
+    total = np.zeros(y.shape[0])
     for t in range(k):
         col = nbr_ids[:, t]
         ok = col != NO_ID
         if not ok.any():
             continue
-        coef = 0.5 * (1.0 + 0.5 * scores[ok, t])
+        sim = 0.5 * scores[ok, t]
+        coef = 0.5 * (1.0 + sim) if neighbours == "cross" else sim
+        total[ok] += coef
         y_hat[ok] += coef[:, None] * table.rows(col[ok]).astype(np.float64)
+    if neighbours == "intra":
+        y_hat /= (total + 1e-8)[:, None]
     dot = (y_hat * y).sum(axis=1)
     denom = np.sqrt((y_hat * y_hat).sum(axis=1)) * np.sqrt((y * y).sum(axis=1))
     c = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
@@ -287,6 +301,7 @@ def sharded_reliability(
     nprobe: int = 16,
     seed: int = 0,
     chunk: int = 8192,
+    neighbours: str = "cross",
 ) -> list[np.ndarray]:
     """Reliability weights of W shards simulated in one process, one float32 array per shard.
 
@@ -295,7 +310,7 @@ def sharded_reliability(
     queries = [cross_modal_vectors(ci, ct) for _, ci, ct, _ in shards]
     ids = [np.asarray(s[0], dtype=np.int64) for s in shards]
     indexes = [
-        ShardIndex.build(q, i, kind=kind, nprobe=nprobe, seed=seed + r)
+        ShardIndex.build(q, i, kind=kind, nprobe=nprobe, seed=seed + r, neighbours=neighbours)
         for r, (q, i) in enumerate(zip(queries, ids, strict=True))
     ]
     table = LabelTable.of(np.concatenate(ids), np.concatenate([s[3] for s in shards]))
@@ -307,6 +322,6 @@ def sharded_reliability(
             sl = slice(a, a + chunk)
             parts = [ix.topk(q[sl], qid[sl], kk) for ix in indexes]
             scores, nbr = merge_topk(parts, kk)
-            w[sl] = neighbour_weights(scores, nbr, np.asarray(s[3])[sl], table, g)
+            w[sl] = neighbour_weights(scores, nbr, np.asarray(s[3])[sl], table, g, neighbours)
         out.append(w)
     return out

@@ -98,7 +98,8 @@ class HashModel(nn.Module):
     """Both hash heads, the class centers and the train-split feature normalisation: what RSHNL
     and SCBCH share. ``encode`` gives continuous codes; ``sign`` of them gives b^m (Eq 1).
 
-    Subclasses set ``method``, whether the codes are L2-normalised, and may fix the centers.
+    Subclasses set ``method``, whether the codes are L2-normalised (``normalize``, which an
+    instance may override), and may fix the centers.
     """
 
     method = ""
@@ -114,6 +115,7 @@ class HashModel(nn.Module):
         hidden: int = 4096,
         center_mode: str = "learned",
         method: str | None = None,
+        normalize: bool | None = None,
     ) -> None:
         super().__init__()
         if method not in (None, self.method):
@@ -122,8 +124,9 @@ class HashModel(nn.Module):
         if center_mode not in CENTER_MODES:
             raise ValueError(f"center_mode must be one of {CENTER_MODES}, got {center_mode!r}")
         self.num_classes, self.bits = num_classes, bits
-        self.image_head = HashHead(image_dim, bits, hidden, normalize=self.normalize)
-        self.text_head = HashHead(text_dim, bits, hidden, normalize=self.normalize)
+        norm = self.normalize if normalize is None else normalize
+        self.image_head = HashHead(image_dim, bits, hidden, normalize=norm)
+        self.text_head = HashHead(text_dim, bits, hidden, normalize=norm)
         self.center_net: nn.Module = (
             CenterNet(num_classes, bits, hidden)
             if center_mode == "learned"

@@ -13,6 +13,12 @@ Two parts, in this project's precise formulation of a method described in words:
 total = alpha·BSCH + beta·quantization + mean_i w_i c_i.
 Defaults: alpha 0.7, beta 0.3, k 20, g 0.5.
 
+Two named forms (``FORMS``): ``project``, the above; ``upstream``, the formulation of the
+authors' code (Plke/SCBCH @ cfcc18c): L2-normalised codes, bias-free orthogonally initialised
+classifiers, an exponential contrastive loss on u·vᵀ (:func:`upstream_contrastive`), the
+quantisation summed and the classification averaged over the two modalities, and reliability
+neighbours by intra-modal similarity (:func:`reliability_weights` with ``neighbours="intra"``).
+
 Shapes: B items, L bits, K labels. ``u_img`` and ``u_txt`` are (B, L) tanh outputs in (−1, 1),
 not normalised; ``labels`` is (B, K) multi-hot float.
 """
@@ -36,22 +42,33 @@ DEFAULT_G = 0.5
 # per-epoch loss terms as logged: BSCH and the reliability-weighted classification (CSCC)
 TERM_NAMES = ("bsch", "cscc")
 
+FORMS = ("project", "upstream")  # their margin, shift and tau defaults: pipeline.config
+
 
 class SCBCHModel(HashModel):
-    """Un-normalised tanh codes and a linear multi-label classifier per modality on the codes.
+    """Tanh codes and a linear multi-label classifier per modality on the codes.
 
-    The center buffer is fixed and unused (SCBCH has no class centers); it keeps the model file
-    layout of :class:`~pipeline.method.model.RSHNLModel`.
+    ``form`` "project": un-normalised codes, classifiers with bias; "upstream": L2-normalised
+    codes, bias-free classifiers with orthogonal initial weights. The center buffer is fixed and
+    unused (SCBCH has no class centers); it keeps the model file layout of
+    :class:`~pipeline.method.model.RSHNLModel`.
     """
 
     method = "scbch"
     normalize = False
     fixed_center_mode = "random"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.image_cls = nn.Linear(self.bits, self.num_classes)
-        self.text_cls = nn.Linear(self.bits, self.num_classes)
+    def __init__(self, *args: Any, form: str = "project", **kwargs: Any) -> None:
+        if form not in FORMS:
+            raise ValueError(f"SCBCH form must be one of {FORMS}, got {form!r}")
+        super().__init__(*args, normalize=form == "upstream", **kwargs)
+        self.form = form
+        bias = form == "project"
+        self.image_cls = nn.Linear(self.bits, self.num_classes, bias=bias)
+        self.text_cls = nn.Linear(self.bits, self.num_classes, bias=bias)
+        if form == "upstream":
+            nn.init.orthogonal_(self.image_cls.weight)
+            nn.init.orthogonal_(self.text_cls.weight)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(u_image, u_text, centers, image logits, text logits)."""
@@ -143,25 +160,64 @@ def bsch_loss(
     return con + separation_weight * sep
 
 
+def upstream_contrastive(
+    u_img: torch.Tensor,
+    u_txt: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    shift: float,
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """The authors' contrastive loss on S = u_img·u_txtᵀ (the codes L2-normalised by the model).
+
+    For text anchors c_ij = S_ij where S_ij ≥ S_ii − margin, else S_ij − shift (the mask is a
+    constant of the step); image anchors use S_jj; the diagonal of each c is clamped at 0.
+    loss = mean_ij τ(exp(c^t_ij(1 − T_ij)/τ) + exp(c^i_ij(1 − T_ij)/τ))
+         + mean_ij 1[T_ij > 0, i ≠ j]·exp(shift − S_ij) − mean_i S_ii, T = Jaccard(y, y).
+    """
+    S = u_img @ u_txt.T
+    T = jaccard(labels, labels).to(S.dtype)
+    d = S.diagonal()
+    eye = torch.eye(S.shape[0], S.shape[1], dtype=torch.bool, device=S.device)
+
+    def lowered(anchor: torch.Tensor) -> torch.Tensor:
+        c = torch.where((S >= anchor - margin).detach(), S, S - shift)
+        return torch.where(eye, c.clamp_min(0.0), c)
+
+    c_txt, c_img = lowered(d[:, None]), lowered(d[None, :])
+    ranking = tau * (c_txt / tau * (1.0 - T)).exp() + tau * (c_img / tau * (1.0 - T)).exp()
+    positive = ((T > 0) & ~eye).to(S.dtype)
+    return ranking.mean() + (positive * (shift - S).exp()).mean() - d.mean()
+
+
 def _sgn(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
 
 
-def quantization_loss(u_img: torch.Tensor, u_txt: torch.Tensor) -> torch.Tensor:
-    """½(mean|u_img − sgn(u_img)| + mean|u_txt − sgn(u_txt)|), with sgn(0) = +1."""
+def quantization_loss(
+    u_img: torch.Tensor, u_txt: torch.Tensor, *, reduce: str = "mean"
+) -> torch.Tensor:
+    """½(mean|u_img − sgn(u_img)| + mean|u_txt − sgn(u_txt)|), with sgn(0) = +1; ``reduce``
+    "sum" drops the ½ (the upstream form)."""
     q_img = (u_img - _sgn(u_img.detach())).abs().mean()
     q_txt = (u_txt - _sgn(u_txt.detach())).abs().mean()
-    return 0.5 * (q_img + q_txt)
+    return q_img + q_txt if reduce == "sum" else 0.5 * (q_img + q_txt)
 
 
 def classification_losses(
-    logits_img: torch.Tensor, logits_txt: torch.Tensor, labels: torch.Tensor
+    logits_img: torch.Tensor,
+    logits_txt: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduce: str = "sum",
 ) -> torch.Tensor:
-    """c_i = Σ_{m ∈ {img, txt}} mean_k BCEWithLogits(logits_m[i, k], y[i, k]), shape (B,)."""
+    """c_i = Σ_{m ∈ {img, txt}} mean_k BCEWithLogits(logits_m[i, k], y[i, k]), shape (B,);
+    ``reduce`` "mean" halves it (the upstream form)."""
     y = labels.to(logits_img.dtype)
     c_img = F.binary_cross_entropy_with_logits(logits_img, y, reduction="none").mean(dim=1)
     c_txt = F.binary_cross_entropy_with_logits(logits_txt, y, reduction="none").mean(dim=1)
-    return c_img + c_txt
+    return 0.5 * (c_img + c_txt) if reduce == "mean" else c_img + c_txt
 
 
 def weighted_classification(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -188,14 +244,19 @@ def reliability_weights(
     k: int,
     g: float,
     chunk: int = 4096,
+    neighbours: str = "cross",
 ) -> torch.Tensor:
     """CSCC reliability w_i = g + (1 − g)·cos(ŷ_i, y_i) over a whole training set, float32 (N,).
 
-    sim_ij = ½(cos(img_i, txt_j) + cos(txt_i, img_j)), j ≠ i; kNN(i) are the k largest sim_ij
-    (k clipped to N − 1; ties broken by smaller j); ŷ_i = Σ_{j ∈ kNN(i)} ½(1 + sim_ij)·y_j
-    (cosine mapped to [0, 1], so neighbours count even when all similarities are negative);
+    ``neighbours`` "cross": sim_ij = ½(cos(img_i, txt_j) + cos(txt_i, img_j)), j ≠ i; kNN(i) are
+    the k largest sim_ij (k clipped to N − 1; ties broken by smaller j); ŷ_i = Σ_{j ∈ kNN(i)}
+    ½(1 + sim_ij)·y_j (cosine mapped to [0, 1], so neighbours count even when all similarities
+    are negative). "intra" (the upstream form): sim_ij = ½(cos(img_i, img_j) + cos(txt_i, txt_j))
+    and ŷ_i = Σ_{j ∈ kNN(i)} sim_ij·y_j / (Σ_{j ∈ kNN(i)} sim_ij + 1e-8).
     cos(ŷ_i, y_i) is 0 when either vector is all zero. Rows are processed ``chunk`` at a time.
     """
+    if neighbours not in ("cross", "intra"):
+        raise ValueError(f"neighbours must be 'cross' or 'intra', got {neighbours!r}")
     img = F.normalize(codes_img.float(), dim=1, eps=1e-12)
     txt = F.normalize(codes_txt.float(), dim=1, eps=1e-12)
     y = labels.float()
@@ -209,10 +270,17 @@ def reliability_weights(
         if k <= 0:
             y_hat = torch.zeros(stop - start, y.shape[1], device=y.device)
         else:
-            sim = 0.5 * (img[start:stop] @ txt.T + txt[start:stop] @ img.T)
+            if neighbours == "cross":
+                sim = 0.5 * (img[start:stop] @ txt.T + txt[start:stop] @ img.T)
+            else:
+                sim = 0.5 * (img[start:stop] @ img.T + txt[start:stop] @ txt.T)
             sim[rows - start, rows] = float("-inf")
             mask = _knn_mask(sim, k)
-            y_hat = sim.add_(1.0).mul_(0.5).masked_fill_(~mask, 0.0) @ y
+            if neighbours == "cross":
+                y_hat = sim.add_(1.0).mul_(0.5).masked_fill_(~mask, 0.0) @ y
+            else:
+                top = sim.masked_fill_(~mask, 0.0)
+                y_hat = (top / (top.sum(dim=1, keepdim=True) + 1e-8)) @ y
         dot = (y_hat * y[start:stop]).sum(dim=1)
         denom = y_hat.norm(dim=1) * y_norm[start:stop]
         c = torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.zeros_like(dot))
@@ -245,19 +313,28 @@ def scbch_objective(
     shift: float,
     tau: float,
     separation_weight: float,
+    form: str = "project",
 ) -> SCBCHTerms:
-    """total = alpha·bsch + beta·quantization + mean_i w_i c_i (w = 1 when ``weights`` is None)."""
-    bsch = bsch_loss(
-        u_img,
-        u_txt,
-        labels,
-        margin=margin,
-        shift=shift,
-        tau=tau,
-        separation_weight=separation_weight,
-    )
-    quant = quantization_loss(u_img, u_txt)
-    c = classification_losses(logits_img, logits_txt, labels)
+    """total = alpha·bsch + beta·quantization + mean_i w_i c_i (w = 1 when ``weights`` is None);
+    ``form`` "upstream": bsch is :func:`upstream_contrastive` (``separation_weight`` unused),
+    the quantisation is summed and c_i averaged over the two modalities."""
+    if form not in FORMS:
+        raise ValueError(f"SCBCH form must be one of {FORMS}, got {form!r}")
+    upstream = form == "upstream"
+    if upstream:
+        bsch = upstream_contrastive(u_img, u_txt, labels, margin=margin, shift=shift, tau=tau)
+    else:
+        bsch = bsch_loss(
+            u_img,
+            u_txt,
+            labels,
+            margin=margin,
+            shift=shift,
+            tau=tau,
+            separation_weight=separation_weight,
+        )
+    quant = quantization_loss(u_img, u_txt, reduce="sum" if upstream else "mean")
+    c = classification_losses(logits_img, logits_txt, labels, reduce="mean" if upstream else "sum")
     if weights is None:
         weights = torch.ones_like(c)
     cls = weighted_classification(c, weights)

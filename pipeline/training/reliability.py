@@ -22,7 +22,7 @@ import torch.distributed as dist
 from feature_store import schema as S
 from pipeline.config import TrainConfig
 from pipeline.method import knn
-from pipeline.training.step import is_distributed
+from pipeline.training.step import is_distributed, scbch_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,14 @@ def rank_reliability(
         img = txt = np.zeros((0, bits), np.float32)
         labels = np.zeros((0, 0), np.float32)
     queries = knn.cross_modal_vectors(img, txt)
+    neighbours = scbch_neighbours(cfg)
     index = knn.ShardIndex.build(
-        queries, ids, kind=cfg.scbch_knn, nprobe=cfg.scbch_knn_nprobe, seed=cfg.seed + rank
+        queries,
+        ids,
+        kind=cfg.scbch_knn,
+        nprobe=cfg.scbch_knn_nprobe,
+        seed=cfg.seed + rank,
+        neighbours=neighbours,
     )
     gathered = _all_gather((ids, knn.compact_labels(labels)))
     table = knn.LabelTable.of(
@@ -128,6 +134,8 @@ def rank_reliability(
         mine = [part[rank] for part in _all_gather(found)]  # every shard's top k of my queries
         if ids[sl].size:
             scores, nbr = knn.merge_topk(mine, k)
-            weights[sl] = knn.neighbour_weights(scores, nbr, labels[sl], table, cfg.scbch_g)
+            weights[sl] = knn.neighbour_weights(
+                scores, nbr, labels[sl], table, cfg.scbch_g, neighbours
+            )
     every = _all_gather((ids, weights))
     return np.concatenate([e[0] for e in every]), np.concatenate([e[1] for e in every])

@@ -180,10 +180,9 @@ def _scbch_loss(
         None if warm else w,
         alpha=cfg.scbch_alpha,
         beta=cfg.scbch_beta,
-        margin=cfg.scbch_margin,
-        shift=cfg.scbch_shift,
-        tau=cfg.scbch_tau,
         separation_weight=cfg.scbch_separation,
+        form=cfg.scbch_form,
+        **cfg.scbch_params(),
     )
     return LossTerms(
         total=t.total,
@@ -194,6 +193,11 @@ def _scbch_loss(
         warmup=warm,
         predicted=((lg_img + lg_txt) / 2).detach().argmax(dim=1),
     )
+
+
+def scbch_neighbours(cfg: TrainConfig) -> str:
+    """The reliability neighbours of the config's SCBCH form: upstream's are intra-modal."""
+    return "intra" if cfg.scbch_form == "upstream" else "cross"
 
 
 @torch.no_grad()
@@ -237,6 +241,7 @@ def train_set_reliability(
         torch.as_tensor(np.asarray(label, dtype=np.float32)),
         k=cfg.scbch_k,
         g=cfg.scbch_g,
+        neighbours=scbch_neighbours(cfg),
     )
 
 
@@ -276,7 +281,7 @@ def setup_model(
 
 
 def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[str, Any]:
-    return {
+    arch = {
         "image_dim": dims["image"],
         "text_dim": dims["text"],
         "num_classes": num_classes,
@@ -285,3 +290,6 @@ def arch_of(cfg: TrainConfig, dims: dict[str, int], num_classes: int) -> dict[st
         "center_mode": cfg.centers,
         "method": cfg.method,
     }
+    if cfg.method == "scbch":
+        arch["form"] = cfg.scbch_form
+    return arch
