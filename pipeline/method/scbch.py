@@ -1,7 +1,7 @@
 """SCBCH: robust cross-modal hashing for noisy multi-label data — its model and losses (no Ray,
 no MLflow).
 
-Two parts, in this project's precise formulation of a method described in words:
+Two parts, in the ``project`` form (a precise formulation of a method described in words):
 
 * CSCC: a classifier on the codes of each modality, whose per-item BCE is weighted by a
   reliability weight w_i = g + (1 − g)·cos(ŷ_i, y_i), where ŷ_i propagates the labels of the k
@@ -18,9 +18,14 @@ authors' code (Plke/SCBCH @ cfcc18c): L2-normalised codes, bias-free orthogonall
 classifiers, an exponential contrastive loss on u·vᵀ (:func:`upstream_contrastive`), the
 quantisation summed and the classification averaged over the two modalities, and reliability
 neighbours by intra-modal similarity (:func:`reliability_weights` with ``neighbours="intra"``).
+Where it still differs from that code: an item is never its own neighbour (theirs zeroes the
+diagonal, so it can be picked when fewer than k similarities are positive), Jaccard has no 1e-8
+in its denominator, sgn(0) = +1, and the BCE is taken on logits. ``upstream`` is the default
+(best validation MAP on MIRFlickr at noise 0.5 and 0.8; the project form's codes collapsed in
+half of those runs).
 
 Shapes: B items, L bits, K labels. ``u_img`` and ``u_txt`` are (B, L) tanh outputs in (−1, 1),
-not normalised; ``labels`` is (B, K) multi-hot float.
+L2-normalised in the upstream form; ``labels`` is (B, K) multi-hot float.
 """
 
 from __future__ import annotations
