@@ -275,10 +275,15 @@ def _unit(v: Any) -> list[float]:
     return [float(x) / max(n, 1e-12) for x in v]
 
 
-def reliability_neighbours_loop(img: Any, txt: Any, ids: Any, k: int) -> list[list[tuple]]:
-    """Per item: the k (sim, id) pairs with the largest sim_ij, j ≠ i, ties by smaller id."""
+def reliability_neighbours_loop(
+    img: Any, txt: Any, ids: Any, k: int, neighbours: str = "cross"
+) -> list[list[tuple]]:
+    """Per item: the k (sim, id, row) with the largest sim_ij, j ≠ i, ties by smaller id; sim is
+    ½(cos(img_i, txt_j) + cos(txt_i, img_j)) ("cross") or ½(cos(img_i, img_j) + cos(txt_i, txt_j))
+    ("intra")."""
     im = [_unit(r) for r in img]
     tx = [_unit(r) for r in txt]
+    a_side, b_side = (tx, im) if neighbours == "cross" else (im, tx)
     n = len(ids)
     k = min(k, n - 1)
     out = []
@@ -287,8 +292,8 @@ def reliability_neighbours_loop(img: Any, txt: Any, ids: Any, k: int) -> list[li
         for j in range(n):
             if j == i:
                 continue
-            a = sum(x * y for x, y in zip(im[i], tx[j], strict=True))
-            b = sum(x * y for x, y in zip(tx[i], im[j], strict=True))
+            a = sum(x * y for x, y in zip(im[i], a_side[j], strict=True))
+            b = sum(x * y for x, y in zip(tx[i], b_side[j], strict=True))
             cand.append((0.5 * (a + b), int(ids[j]), j))
         cand.sort(key=lambda t: (-t[0], t[1]))
         out.append(cand[:k])
@@ -296,46 +301,19 @@ def reliability_neighbours_loop(img: Any, txt: Any, ids: Any, k: int) -> list[li
 
 
 def reliability_weights_loop(
-    img: Any, txt: Any, labels: Any, ids: Any, k: int, g: float
+    img: Any, txt: Any, labels: Any, ids: Any, k: int, g: float, neighbours: str = "cross"
 ) -> np.ndarray:
-    """SCBCH's reliability w_i = g + (1 − g)·cos(ŷ_i, y_i), ŷ_i = Σ_j (1 + s_ij)/2 · y_j over
-    the k cross-modal neighbours j of i (loops, float64)."""
+    """SCBCH's reliability w_i = g + (1 − g)·cos(ŷ_i, y_i) over the k neighbours j of i (loops,
+    float64): "cross", ŷ_i = Σ_j (1 + s_ij)/2 · y_j; "intra" (the authors' form),
+    ŷ_i = Σ_j s_ij·y_j / (Σ_j s_ij + 1e-8)."""
     w = []
-    for i, nbrs in enumerate(reliability_neighbours_loop(img, txt, ids, k)):
+    for i, nbrs in enumerate(reliability_neighbours_loop(img, txt, ids, k, neighbours)):
+        total = sum(s for s, _, _ in nbrs) + 1e-8
         y_hat = [0.0] * len(labels[0])
         for s, _, j in nbrs:
+            coef = 0.5 * (1.0 + s) if neighbours == "cross" else s / total
             for c in range(len(labels[0])):
-                y_hat[c] += 0.5 * (1.0 + s) * float(labels[j][c])
-        y = [float(v) for v in labels[i]]
-        dot = sum(a * b for a, b in zip(y_hat, y, strict=True))
-        den = math.sqrt(sum(a * a for a in y_hat)) * math.sqrt(sum(b * b for b in y))
-        w.append(g + (1.0 - g) * (dot / den if den > 0 else 0.0))
-    return np.array(w)
-
-
-def reliability_weights_intra_loop(
-    img: Any, txt: Any, labels: Any, ids: Any, k: int, g: float
-) -> np.ndarray:
-    """SCBCH's reliability in the authors' form: neighbours by s_ij = ½(cos(img_i, img_j) +
-    cos(txt_i, txt_j)), j ≠ i, ties by smaller id; ŷ_i = Σ_j s_ij·y_j / (Σ_j s_ij + 1e-8)."""
-    im = [_unit(r) for r in img]
-    tx = [_unit(r) for r in txt]
-    n = len(ids)
-    k = min(k, n - 1)
-    w = []
-    for i in range(n):
-        cand = []
-        for j in range(n):
-            if j != i:
-                a = sum(x * y for x, y in zip(im[i], im[j], strict=True))
-                b = sum(x * y for x, y in zip(tx[i], tx[j], strict=True))
-                cand.append((0.5 * (a + b), int(ids[j]), j))
-        cand.sort(key=lambda t: (-t[0], t[1]))
-        total = sum(s for s, _, _ in cand[:k]) + 1e-8
-        y_hat = [0.0] * len(labels[0])
-        for s, _, j in cand[:k]:
-            for c in range(len(labels[0])):
-                y_hat[c] += s / total * float(labels[j][c])
+                y_hat[c] += coef * float(labels[j][c])
         y = [float(v) for v in labels[i]]
         dot = sum(a * b for a, b in zip(y_hat, y, strict=True))
         den = math.sqrt(sum(a * a for a in y_hat)) * math.sqrt(sum(b * b for b in y))

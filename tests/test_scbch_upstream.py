@@ -143,7 +143,7 @@ def _codes(n: int = 23, bits: int = 6, k_lab: int = 5, seed: int = 4):
 @pytest.mark.parametrize("k", [1, 4, 30])
 def test_intra_reliability_matches_loop(k):
     img, txt, y = _codes()
-    want = R.reliability_weights_intra_loop(img, txt, y, range(len(y)), k, 0.5)
+    want = R.reliability_weights_loop(img, txt, y, range(len(y)), k, 0.5, "intra")
     got = S.reliability_weights(
         torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(y), k=k, g=0.5,
         neighbours="intra", chunk=7,
@@ -178,7 +178,7 @@ def test_sharded_intra_reliability_matches_loop(shards):
     got = knn.sharded_reliability(
         [(ids[p], img[p], txt[p], y[p]) for p in parts], k=5, g=0.4, neighbours="intra", chunk=4
     )
-    want = R.reliability_weights_intra_loop(img, txt, y, ids, 5, 0.4)
+    want = R.reliability_weights_loop(img, txt, y, ids, 5, 0.4, "intra")
     for p, w in zip(parts, got, strict=True):
         assert np.allclose(w, want[p], atol=1e-6)
 
