@@ -31,6 +31,7 @@ def load(paths: list[str]) -> list[dict[str, Any]]:
                 "method": method_of(c),
                 "data": s["data_version"],
                 "bits": c["bits"],
+                "train_epochs": c["epochs"],
                 "seed": c["seed"],
                 "i2t": s["test_map"]["i2t"],
                 "t2i": s["test_map"]["t2i"],
@@ -47,7 +48,10 @@ def load(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def main(paths: list[str]) -> None:
-    rows = sorted(load(paths), key=lambda r: (r["data"], r["bits"], r["method"], r["seed"]))
+    rows = sorted(
+        load(paths),
+        key=lambda r: (r["data"], r["bits"], r["train_epochs"], r["method"], r["seed"]),
+    )
     out = [
         "| data version | bits | method | seed | executor | best epoch | MAP@all I2T | MAP@all T2I "
         "| MAP@5000 I2T | MAP@5000 T2I | noise AUC of −w | wall s |",
@@ -64,14 +68,15 @@ def main(paths: list[str]) -> None:
         "Means over the seeds every method of the row ran (MAP@all; n = seeds), and SCBCH's "
         "margins:",
         "",
-        "| data version | bits | SCBCH form | n | SCBCH I2T / T2I | RSHNL I2T / T2I "
+        "| data version | bits | epochs | SCBCH form | n | SCBCH I2T / T2I | RSHNL I2T / T2I "
         "| plain I2T / T2I | SCBCH − plain | SCBCH − RSHNL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    cells: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    cells: dict[tuple[str, int, int], dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
-        cells.setdefault((r["data"], r["bits"]), {}).setdefault(r["method"], []).append(r)
-    for (data, bits), by in sorted(cells.items()):
+        key = (r["data"], r["bits"], r["train_epochs"])
+        cells.setdefault(key, {}).setdefault(r["method"], []).append(r)
+    for (data, bits, epochs), by in sorted(cells.items()):
         for form in sorted(m for m in by if m.startswith("SCBCH")):
             if not all(m in by for m in ("RSHNL", "plain")):
                 continue
@@ -92,7 +97,7 @@ def main(paths: list[str]) -> None:
                 for b in ("plain", "RSHNL")
             }
             out.append(
-                f"| {data} | {bits} | {form.split()[1]} | {len(seeds)} | {pair[form]} | "
+                f"| {data} | {bits} | {epochs} | {form.split()[1]} | {len(seeds)} | {pair[form]} | "
                 f"{pair['RSHNL']} | {pair['plain']} | {diff['plain']} | {diff['RSHNL']} |"
             )
     print("\n".join(out))
