@@ -142,7 +142,7 @@ class ShardIndex:
         if neighbours not in NEIGHBOURS:
             raise ValueError(f"neighbours must be one of {NEIGHBOURS}, got {neighbours!r}")
         q32 = np.asarray(queries, dtype=np.float32)
-        db = swap_halves(q32) if neighbours == "cross" else np.ascontiguousarray(q32.copy())
+        db = swap_halves(q32) if neighbours == "cross" else np.ascontiguousarray(q32)
         ids = np.asarray(ids, dtype=np.int64)
         if kind == "flat" or db.shape[0] < 2:
             return cls(db, ids, "flat")

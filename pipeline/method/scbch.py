@@ -60,7 +60,6 @@ class SCBCHModel(HashModel):
     """
 
     method = "scbch"
-    normalize = False
     fixed_center_mode = "random"
 
     def __init__(self, *args: Any, form: str = "project", **kwargs: Any) -> None:
