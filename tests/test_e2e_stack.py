@@ -203,9 +203,11 @@ def _is_torch_distributed(entry: tuple[str, int, str]) -> bool:
     """A Ray Train worker's listener: torch.distributed's TCPStore, which torch binds to every
     interface whatever MASTER_ADDR says (no setting of Ray or torch moves it). The process
     title is the worker's actor name (cut to 15 characters by the kernel) or, while the group
-    forms, the task that sets it up."""
+    forms, the setup task it runs: the process group's, then Ray Data's context."""
     title = entry[2]
-    return title.startswith("ray::RayTrainWo") or "_setup_torch_process_group" in title
+    return title.startswith("ray::RayTrainWo") or any(
+        task in title for task in ("_setup_torch_process_group", "_propagate_data_context")
+    )
 
 
 def _machine_addresses() -> list[str]:

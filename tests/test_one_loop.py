@@ -22,7 +22,8 @@ def _ml_dataset(tmp_path) -> str:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["rshnl", "scbch"])
+# the SCBCH case (about a minute) runs in the slow tier: the default tier is near 10 minutes here
+@pytest.mark.parametrize("method", ["rshnl", pytest.param("scbch", marks=pytest.mark.slow)])
 def test_ray_worker_and_in_process_train_identically(method, ray_cluster, tiny_dataset, tmp_path):
     from pipeline.training.inprocess import train_in_process
     from pipeline.training.trainer import run_training
