@@ -33,6 +33,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--feature-norm": ("feature_norm", str),
     "--cpus-per-worker": ("cpus_per_worker", float),
     "--max-failures": ("max_failures", int),
+    "--checkpoint-every": ("checkpoint_every", int),
+    "--checkpoint-interval-s": ("checkpoint_interval_s", float),
     "--storage-path": ("storage_path", str),
     "--experiment-name": ("experiment_name", str),
     "--run-name": ("run_name", str),

@@ -103,7 +103,10 @@ class TrainConfig:
     eval_top_k: int = 0  # >0: also report MAP@k (multi-label benchmarks use e.g. 5000)
     center_sync_check_every: int = 0  # >0: all-gather a center checksum every N steps and assert
     storage_path: str = "runs"  # Ray Train run storage (local path or s3://)
-    checkpoint_every: int = 1  # full resumable checkpoint every N epochs and at the last epoch
+    # a full resumable checkpoint every N epochs, after checkpoint_interval_s seconds without one
+    # (0: off) and at the last epoch; the best epoch's weights are kept in memory between them
+    checkpoint_every: int = 10
+    checkpoint_interval_s: float = 600.0
     resume: bool = False  # continue run_name from its latest checkpoint in storage_path
     # tracking
     experiment_name: str = "rshnl"
@@ -205,6 +208,7 @@ class TrainConfig:
         except ValueError as e:
             need(False, "search_index", str(e))
         need(self.checkpoint_every >= 1, "checkpoint_every", "must be ≥ 1")
+        need(self.checkpoint_interval_s >= 0, "checkpoint_interval_s", "must be ≥ 0")
         bound = ell_max(self.r, NUM_MODALITIES)
         uses_gamma = (
             self.method == "rshnl"

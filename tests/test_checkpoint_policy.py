@@ -41,9 +41,25 @@ def test_full_checkpoint_epochs(every, epochs):
     assert got == want
 
 
+@pytest.mark.parametrize("interval", [0.0, 25.0])
+def test_full_checkpoint_after_an_interval(interval):
+    """Every 10 epochs and at the last, plus once ``interval`` seconds have passed since the last
+    full checkpoint (0: never); epochs of 10 s each, replayed by hand."""
+    got, last = [], 0.0
+    for e in range(1, 15):
+        now = 10.0 * e
+        if full_checkpoint(e, 10, 14, now - last, interval):
+            got.append(e)
+            last = now
+    # 25 s: epochs 3 (30 s), 6, 9 by time; 10 by count; 13 (30 s after 10); 14, the last
+    assert got == ([10, 14] if interval == 0 else [3, 6, 9, 10, 13, 14])
+
+
 def test_checkpoint_every_is_validated():
     with pytest.raises(ConfigError, match="checkpoint_every"):
         TrainConfig(dataset="x", checkpoint_every=0).validate()
+    with pytest.raises(ConfigError, match="checkpoint_interval_s"):
+        TrainConfig(dataset="x", checkpoint_interval_s=-1).validate()
 
 
 def test_best_of_history_reads_the_best_epoch():

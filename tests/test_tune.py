@@ -56,7 +56,7 @@ def test_scbch_weights_are_searchable_and_untunable_keys_refused():
     from pipeline.config import ConfigError
     from pipeline.experiments.tune import default_space
 
-    base = TrainConfig(dataset="x", method="scbch")
+    base = TrainConfig(dataset="x", method="scbch", checkpoint_every=1)
     space = default_space("scbch")
     assert {"scbch_alpha", "scbch_beta", "scbch_k", "scbch_g"} <= set(space)
     SweepConfig(base=base, space=space).validate()
@@ -79,6 +79,19 @@ def test_sweeps_refuse_sparse_checkpoints():
         SweepConfig(base=base, space={}).validate()
 
 
+def test_sweeps_from_files_checkpoint_every_epoch_unless_told_otherwise(tmp_path):
+    """Training's default is sparse checkpoints; a sweep's base is every epoch unless the file
+    or a flag says otherwise, and then it is refused."""
+    from pipeline.experiments.tune import sweep_from_yaml
+
+    assert TrainConfig(dataset="x").checkpoint_every > 1
+    assert sweep_from_yaml(None, {"dataset": "x"}, {}).base.checkpoint_every == 1
+    path = tmp_path / "s.yaml"
+    path.write_text("checkpoint_every: 3\n")
+    with pytest.raises(ConfigError, match="checkpoint_every 3: sweeps need"):
+        sweep_from_yaml(str(path), {"dataset": "x"}, {})
+
+
 @pytest.fixture(scope="module")
 def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
     from pipeline.experiments.tune import run_sweep
@@ -89,6 +102,7 @@ def sweep_result(ray_cluster, tiny_dataset, tmp_path_factory):
         bits=16,
         hidden_dim=32,
         epochs=4,  # ASHA rungs at epochs 1 and 2: two chances to stop a trial, not one
+        checkpoint_every=1,
         batch_size=48,
         lr=1e-3,
         workers=1,

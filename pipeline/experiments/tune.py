@@ -52,7 +52,7 @@ _NOT_TUNABLE = {
     "dataset", "method", "run_name", "resume", "storage_path", "tracking_uri", "tags",
     "experiment_name", "registered_model_name", "register_model", "workers", "cpus_per_worker",
     "use_gpu", "placement_strategy", "max_failures", "eval_batch_size", "epochs",
-    "checkpoint_every", "search_index",
+    "checkpoint_every", "checkpoint_interval_s", "search_index",
 }  # fmt: skip
 _SPACE_KEYS = {"gamma_fraction"} | {
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_TUNABLE
@@ -220,6 +220,7 @@ def sweep_from_yaml(
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}")
     data.update({k: v for k, v in train_overrides.items() if v is not None})
+    data.setdefault("checkpoint_every", 1)  # see SweepConfig.validate
     base = TrainConfig.from_dict(data, source=str(path or "flags")).validate()
     sweep_data.update({k: v for k, v in sweep_overrides.items() if v is not None})
     if resume:

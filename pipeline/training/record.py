@@ -29,10 +29,18 @@ def checkpoint_score(valid_map_mean: float, epoch: int) -> float:
     return valid_map_mean + epoch * 1e-12
 
 
-def full_checkpoint(epochs_done: int, every: int, epochs: int) -> bool:
+def full_checkpoint(
+    epochs_done: int,
+    every: int,
+    epochs: int,
+    since_last_s: float = 0.0,
+    interval_s: float = 0.0,
+) -> bool:
     """Whether the epoch that completes ``epochs_done`` writes a full resumable checkpoint
-    (model, optimizer state, RNG states, history): every ``every`` epochs and at the last."""
-    return epochs_done % max(1, every) == 0 or epochs_done >= epochs
+    (model, optimizer state, RNG states, history): every ``every`` epochs, at the last, and when
+    ``since_last_s`` seconds have passed since the last one (``interval_s`` > 0)."""
+    due = interval_s > 0 and since_last_s >= interval_s
+    return due or epochs_done % max(1, every) == 0 or epochs_done >= epochs
 
 
 def best_of_history(history: dict[str, Any], best_epoch: int) -> dict[str, float]:

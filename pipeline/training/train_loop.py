@@ -287,6 +287,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         held = memory_rows(memory) if memory is not None else None
         train_rows = owned_rows(ds, rank, world, held)
     steps, seconds = [0], []
+    last_checkpoint = time.monotonic()  # rank 0 alone decides and writes
 
     def after_step() -> None:
         steps[0] += 1
@@ -380,7 +381,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 f"time_{k}": v for k, v in timer.t.items()
             }
             t0 = time.perf_counter()
-            if full_checkpoint(epoch + 1, cfg.checkpoint_every, cfg.epochs):
+            since_last = time.monotonic() - last_checkpoint
+            if full_checkpoint(
+                epoch + 1,
+                cfg.checkpoint_every,
+                cfg.epochs,
+                since_last,
+                cfg.checkpoint_interval_s,
+            ):
+                last_checkpoint = time.monotonic()
                 ckpt_dir = tempfile.mkdtemp(prefix="rshnl-ckpt-")
                 save_model_file(
                     Path(ckpt_dir) / WEIGHTS,

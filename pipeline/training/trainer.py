@@ -188,6 +188,7 @@ RESUMABLE_KEYS = frozenset(
         "eval_batch_size",
         "center_sync_check_every",
         "checkpoint_every",
+        "checkpoint_interval_s",
         "data_cache_max_bytes",
         "storage_path",
         "resume",
