@@ -60,8 +60,13 @@ def test_scbch_weights_are_searchable_and_untunable_keys_refused():
     space = default_space("scbch")
     assert {"scbch_alpha", "scbch_beta", "scbch_k", "scbch_g"} <= set(space)
     SweepConfig(base=base, space=space).validate()
+    assert {"scbch_margin", "scbch_shift"} <= set(space)
     cfg = trial_config(base, {"scbch_alpha": 1.5, "scbch_k": 12.0, "scbch_g": 0.3})
     assert (cfg.scbch_alpha, cfg.scbch_k, cfg.scbch_g) == (1.5, 12, 0.3)
+    assert cfg.scbch_params() == {"margin": 0.15, "shift": 0.8, "tau": 1.0}  # unset: the form's
+    cfg = trial_config(base, {"scbch_margin": 0.3, "scbch_shift": 0.5})
+    assert cfg.scbch_params() == {"margin": 0.3, "shift": 0.5, "tau": 1.0}
+    assert cfg.scbch_form == base.scbch_form == "upstream"
     assert isinstance(cfg.scbch_k, int) and cfg.gamma == base.gamma
     with pytest.raises(ConfigError, match=r"untunable key\(s\) \['workers'\]"):
         SweepConfig(base=base, space={"workers": {"type": "fixed", "value": 2}}).validate()

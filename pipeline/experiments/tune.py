@@ -45,6 +45,9 @@ SCBCH_SPACE: dict[str, dict[str, Any]] = {
     "scbch_beta": {"type": "loguniform", "low": 0.01, "high": 1.0},
     "scbch_k": {"type": "randint", "low": 5, "high": 50},
     "scbch_g": {"type": "uniform", "low": 0.0, "high": 1.0},
+    # around the upstream form's 0.15 / 0.8 (the default form; the base config's form is kept)
+    "scbch_margin": {"type": "uniform", "low": 0.05, "high": 0.4},
+    "scbch_shift": {"type": "uniform", "low": 0.4, "high": 1.2},
     "warmup_epochs": {"type": "randint", "low": 0, "high": 10},
 }
 # Any TrainConfig value that shapes the model or the objective can be searched; these cannot.
