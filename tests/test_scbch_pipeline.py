@@ -17,7 +17,8 @@ from synthetic_util import write_synthetic
 from pipeline.config import TrainConfig
 from pipeline.method.model import RSHNLModel
 from pipeline.method.scbch import reliability_weights
-from pipeline.training.step import build_model, compute_loss, train_set_reliability
+from pipeline.training.reliability import rank_reliability
+from pipeline.training.step import build_model, compute_loss
 
 N, K, DI, DT = 37, 6, 5, 4
 
@@ -43,20 +44,32 @@ def _model(form: str = "upstream") -> RSHNLModel:
     return build_model(_cfg(form), {"image": DI, "text": DT}, K)
 
 
+def _rows(part: slice | np.ndarray = slice(None)) -> dict[str, np.ndarray]:
+    image, text, label = _data()
+    ids = np.arange(N, dtype=np.int64) + 1000
+    return {"item_id": ids[part], "image": image[part], "text": text[part], "label": label[part]}
+
+
 def _worker(rank: int, init: str, out: str, form: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    w = train_set_reliability(_model(form), *_data(), _cfg(form))
-    Path(out, f"{rank}.json").write_text(json.dumps(w.tolist()))
+    ids, w = rank_reliability(_model(form), _rows(np.arange(rank, N, 2)), _cfg(form), "cpu")
+    Path(out, f"{rank}.json").write_text(
+        json.dumps(dict(zip(ids.tolist(), w.tolist(), strict=True)))
+    )
     finish_worker()
 
 
 @pytest.mark.parametrize("form", ["project", "upstream"])
 def test_weights_are_equal_on_one_and_two_workers(tmp_path, form):
+    """Ranks owning rows rank::2 derive every item's weight, the same on both and equal to the
+    whole-set computation on the full code matrices."""
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), form), nprocs=2)
     two = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
-    one = train_set_reliability(_model(form), *_data(), _cfg(form)).tolist()
+    ids1, w1 = rank_reliability(_model(form), _rows(), _cfg(form), "cpu")
+    one = dict(zip((str(i) for i in ids1.tolist()), w1.tolist(), strict=True))
     assert two[0] == two[1]  # every rank holds the same weights
-    assert max(abs(a - b) for a, b in zip(one, two[0], strict=True)) < 1e-6
+    assert two[0].keys() == one.keys()
+    assert max(abs(one[i] - two[0][i]) for i in one) < 1e-6
     image, text, label = _data()
     m = _model(form)
     with torch.no_grad():
@@ -68,8 +81,9 @@ def test_weights_are_equal_on_one_and_two_workers(tmp_path, form):
             g=0.5,
             neighbours="intra" if form == "upstream" else "cross",
         )
-    assert one == pytest.approx(ref.tolist(), abs=1e-6)
-    assert min(one) >= 0.5 and max(one) <= 1.0
+    got = [one[str(1000 + i)] for i in range(N)]
+    assert got == pytest.approx(ref.tolist(), abs=1e-6)
+    assert min(got) >= 0.5 and max(got) <= 1.0
 
 
 @pytest.mark.parametrize("form", ["project", "upstream"])

@@ -18,7 +18,7 @@ from pipeline.method import knn
 from pipeline.method.scbch import reliability_weights
 from pipeline.training.epoch import epoch_pair_weights
 from pipeline.training.reliability import rank_reliability
-from pipeline.training.step import build_model, train_set_reliability
+from pipeline.training.step import build_model
 
 # ---------- data ----------
 
@@ -171,9 +171,15 @@ def test_epoch_pair_weights_equal_the_whole_set_reference_in_one_process():
     model, rows = _model_and_rows()
     order = np.argsort(rows["item_id"])  # the reference's tie key is the row position
     sorted_rows = {key: v[order] for key, v in rows.items()}
-    ref = train_set_reliability(
-        model, sorted_rows["image"], sorted_rows["text"], sorted_rows["label"], _cfg()
-    )
+    with torch.no_grad():  # the whole-set computation on the full code matrices
+        ref = reliability_weights(
+            model.encode(torch.from_numpy(sorted_rows["image"]), "image"),
+            model.encode(torch.from_numpy(sorted_rows["text"]), "text"),
+            torch.from_numpy(sorted_rows["label"]),
+            k=5,
+            g=0.4,
+            neighbours="intra",  # the default upstream form's rule
+        )
     pw = epoch_pair_weights(model, rows, _cfg(), epoch=5, device="cpu")
     got = pw.lookup(torch.as_tensor(sorted_rows["item_id"]))
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)

@@ -20,7 +20,7 @@ from pipeline.config import TrainConfig
 from pipeline.method.losses import LossMixture, LossTerms, rshnl_objective
 from pipeline.method.model import HashModel, fixed_centers, model_from_arch
 from pipeline.method.scbch import TERM_NAMES as SCBCH_TERMS
-from pipeline.method.scbch import reliability_weights, scbch_objective
+from pipeline.method.scbch import scbch_objective
 
 
 def seed_everything(seed: int) -> None:
@@ -201,50 +201,6 @@ def scbch_neighbours(cfg: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def train_set_reliability(
-    model: HashModel,
-    image: np.ndarray,
-    text: np.ndarray,
-    label: np.ndarray,
-    cfg: TrainConfig,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """SCBCH reliability weights of every training pair (rows in the arrays' order).
-
-    The neighbour search must see the whole training set, not one worker's shard: each rank
-    encodes rows ``rank::world`` and the codes are all-gathered, so every rank computes the same
-    weights from the same full code matrix (no weight exchange needed).
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    n = image.shape[0]
-    rows = np.arange(rank, n, world)
-    parts: list[list[np.ndarray]] = [[], []]
-    bs = cfg.eval_batch_size
-    for s in range(0, rows.size, bs):
-        r = rows[s : s + bs]
-        for j, (x, m) in enumerate(((image, "image"), (text, "text"))):
-            xb = torch.as_tensor(np.asarray(x[r], dtype=np.float32), device=device)
-            parts[j].append(model.encode(xb, m).float().cpu().numpy())
-    bits = cfg.bits
-    mine = [np.concatenate(p) if p else np.zeros((0, bits), np.float32) for p in parts]
-    codes = [np.zeros((n, bits), np.float32), np.zeros((n, bits), np.float32)]
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (rows, mine[0], mine[1]))
-        for r, ci, ct in gathered:
-            codes[0][r], codes[1][r] = ci, ct
-    else:
-        codes = mine
-    return reliability_weights(
-        torch.from_numpy(codes[0]),
-        torch.from_numpy(codes[1]),
-        torch.as_tensor(np.asarray(label, dtype=np.float32)),
-        k=cfg.scbch_k,
-        g=cfg.scbch_g,
-        neighbours=scbch_neighbours(cfg),
-    )
-
-
 def loss_term_names(cfg: TrainConfig) -> tuple[str, str]:
     """Metric names of the objective's two parts: RSHNL's CHL and center term (L_p in warm-up,
     L_S after), SCBCH's BSCH and reliability-weighted classification."""
