@@ -200,7 +200,6 @@ def scbch_neighbours(cfg: TrainConfig) -> str:
     return "intra" if cfg.scbch_form == "upstream" else "cross"
 
 
-@torch.no_grad()
 def loss_term_names(cfg: TrainConfig) -> tuple[str, str]:
     """Metric names of the objective's two parts: RSHNL's CHL and center term (L_p in warm-up,
     L_S after), SCBCH's BSCH and reliability-weighted classification."""
