@@ -193,6 +193,17 @@ def test_fingerprints_recorded_before_a_new_key_still_match():
     assert fingerprint_diff({**old, "epochs": 3}, new) == ["epochs"]
 
 
+def test_cells_recorded_with_other_checkpoint_settings_still_match():
+    """Cells written when every epoch was checkpointed (the old default) are the same cells."""
+    from pipeline.experiments.grid import fingerprint, fingerprint_diff
+
+    new = fingerprint(TrainConfig(dataset="x"))
+    assert "checkpoint_every" not in new and "checkpoint_interval_s" not in new
+    old = {**new, "checkpoint_every": 1, "center_sync_check_every": 5}
+    assert fingerprint_diff(old, new) == []
+    assert fingerprint_diff({**old, "lr": 0.5}, new) == ["lr"]
+
+
 def test_plain_loop_benchmark_times_every_epoch(tiny_clean):
     from pipeline.experiments.benchmark import plain_loop_seconds
 

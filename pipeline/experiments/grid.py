@@ -44,6 +44,9 @@ _RUN_ONLY = {
     "placement_strategy",
     "max_failures",
     "eval_batch_size",
+    "checkpoint_every",
+    "checkpoint_interval_s",
+    "center_sync_check_every",
 }
 
 
@@ -115,11 +118,12 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Keys whose values differ; a key one side lacks counts only if the other is not its default
-    (so cells recorded before a config key existed still match)."""
+    (so cells recorded before a config key existed still match). Run-only keys an older cell
+    recorded are ignored."""
     defaults = TrainConfig().to_dict()
     missing = object()
     out = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted((set(old) | set(new)) - _RUN_ONLY):
         a, b = old.get(k, missing), new.get(k, missing)
         if a is missing:
             a = defaults.get(k)
