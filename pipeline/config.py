@@ -29,6 +29,45 @@ SCBCH_FORMS = tuple(SCBCH_FORM_DEFAULTS)
 NUM_MODALITIES = 2
 MAX_BITS = 4096  # widest code: the default hidden width of the hash heads
 
+# Keys that say where a run comes from and is recorded, and how it is launched and checkpointed,
+# not what it learns. Resume, Tune and the benchmark grid each start from this one set.
+RUN_KEYS = frozenset(
+    {
+        "dataset",  # the same data_version may be read from another location
+        "run_name",
+        "resume",
+        "storage_path",
+        "tracking_uri",
+        "tags",
+        "experiment_name",
+        "register_model",
+        "registered_model_name",
+        "workers",
+        "cpus_per_worker",
+        "placement_strategy",
+        "max_failures",
+        "eval_batch_size",
+        "checkpoint_every",
+        "checkpoint_interval_s",
+        "center_sync_check_every",
+    }
+)
+# A resume may also extend the run (epochs), move it to another device or change the caching of
+# the train split; it stays in the experiment and tracking server it started in.
+RESUMABLE_KEYS = (RUN_KEYS - {"tracking_uri", "experiment_name"}) | {
+    "epochs",
+    "use_gpu",
+    "data_cache_max_bytes",
+}
+# Tune searches what shapes the model or the objective; never these.
+NOT_TUNABLE_KEYS = RUN_KEYS | {
+    "method",
+    "epochs",
+    "use_gpu",
+    "data_cache_max_bytes",
+    "search_index",
+}
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key."""

@@ -88,3 +88,16 @@ def test_yaml_errors_name_the_key(tmp_path):
 def test_roundtrip_dict():
     c = TrainConfig(dataset="d", gamma=1.5, tags={"team": "x"})
     assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_run_key_sets_name_real_fields_and_keep_the_model_keys_out():
+    from pipeline.config import NOT_TUNABLE_KEYS, RESUMABLE_KEYS, RUN_KEYS
+
+    fields = set(TrainConfig().to_dict())
+    for keys in (RUN_KEYS, RESUMABLE_KEYS, NOT_TUNABLE_KEYS):
+        assert keys <= fields, sorted(keys - fields)
+    model_keys = {"bits", "hidden_dim", "gamma", "alpha", "r", "tau", "warmup_epochs", "seed", "lr"}
+    assert not model_keys & (RESUMABLE_KEYS | NOT_TUNABLE_KEYS)
+    # a resume stays in the tracking server and experiment it started in
+    assert {"tracking_uri", "experiment_name"} <= RUN_KEYS - RESUMABLE_KEYS
+    assert RUN_KEYS <= NOT_TUNABLE_KEYS and "epochs" in RESUMABLE_KEYS & NOT_TUNABLE_KEYS

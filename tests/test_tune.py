@@ -70,7 +70,13 @@ def test_scbch_weights_are_searchable_and_untunable_keys_refused():
     assert isinstance(cfg.scbch_k, int) and cfg.gamma == base.gamma
     with pytest.raises(ConfigError, match=r"untunable key\(s\) \['workers'\]"):
         SweepConfig(base=base, space={"workers": {"type": "fixed", "value": 2}}).validate()
-    for key in ("checkpoint_every", "search_index"):  # run mechanics, not the model
+    run_mechanics = (
+        "checkpoint_every",
+        "search_index",
+        "center_sync_check_every",
+        "data_cache_max_bytes",
+    )
+    for key in run_mechanics:  # how the run executes, not what it learns
         with pytest.raises(ConfigError, match=rf"untunable key\(s\) \['{key}'\]"):
             SweepConfig(base=base, space={key: {"type": "fixed", "value": 2}}).validate()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.store import list_versions, open_dataset, write_noisy_copy
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import RUN_KEYS, ConfigError, TrainConfig
 from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.method.variants import METHODS, apply_method
 from pipeline.tracking import runs as tracking
@@ -28,26 +28,6 @@ from pipeline.tracking import runs as tracking
 log = logging.getLogger(__name__)
 
 GRID_INFO = "grid.json"
-# Config keys that may differ between invocations of the same grid without changing its cells.
-_RUN_ONLY = {
-    "dataset",
-    "run_name",
-    "resume",
-    "storage_path",
-    "tracking_uri",
-    "tags",
-    "experiment_name",
-    "register_model",
-    "registered_model_name",
-    "workers",
-    "cpus_per_worker",
-    "placement_strategy",
-    "max_failures",
-    "eval_batch_size",
-    "checkpoint_every",
-    "checkpoint_interval_s",
-    "center_sync_check_every",
-}
 
 
 @dataclass(frozen=True)
@@ -113,7 +93,7 @@ class GridSpec:
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """The parts of a cell's config that decide its result."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_KEYS}
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -123,7 +103,7 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     defaults = TrainConfig().to_dict()
     missing = object()
     out = []
-    for k in sorted((set(old) | set(new)) - _RUN_ONLY):
+    for k in sorted((set(old) | set(new)) - RUN_KEYS):
         a, b = old.get(k, missing), new.get(k, missing)
         if a is missing:
             a = defaults.get(k)

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import NUM_MODALITIES, ConfigError, TrainConfig, read_yaml
+from pipeline.config import (
+    NOT_TUNABLE_KEYS,
+    NUM_MODALITIES,
+    ConfigError,
+    TrainConfig,
+    read_yaml,
+)
 from pipeline.method.bounds import ell_max
 from pipeline.tracking import runs as tracking
 from pipeline.training import guards
@@ -50,15 +56,9 @@ SCBCH_SPACE: dict[str, dict[str, Any]] = {
     "scbch_shift": {"type": "uniform", "low": 0.4, "high": 1.2},
     "warmup_epochs": {"type": "randint", "low": 0, "high": 10},
 }
-# Any TrainConfig value that shapes the model or the objective can be searched; these cannot.
-_NOT_TUNABLE = {
-    "dataset", "method", "run_name", "resume", "storage_path", "tracking_uri", "tags",
-    "experiment_name", "registered_model_name", "register_model", "workers", "cpus_per_worker",
-    "use_gpu", "placement_strategy", "max_failures", "eval_batch_size", "epochs",
-    "checkpoint_every", "checkpoint_interval_s", "search_index",
-}  # fmt: skip
+# Any TrainConfig value that shapes the model or the objective can be searched.
 _SPACE_KEYS = {"gamma_fraction"} | {
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_TUNABLE
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_TUNABLE_KEYS
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from feature_store.store import open_dataset
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import RESUMABLE_KEYS, ConfigError, TrainConfig
 from pipeline.method.suspects import SUSPECTS_FILE
 from pipeline.method.weights import WEIGHTS, load_model_file
 from pipeline.tracking import runs as tracking
@@ -174,31 +174,6 @@ def check_storage(cfg: TrainConfig) -> None:
         raise ConfigError(f"storage_path '{storage}': cannot write there: {detail}") from None
 
 
-# Config keys a resume may change: how the run executes, how long it trains (``epochs`` extends
-# it), and what happens to the model at the end. Every other key shapes the model, the data or
-# the objective and must match the run being resumed.
-RESUMABLE_KEYS = frozenset(
-    {
-        "epochs",
-        "workers",
-        "cpus_per_worker",
-        "use_gpu",
-        "placement_strategy",
-        "max_failures",
-        "eval_batch_size",
-        "center_sync_check_every",
-        "checkpoint_every",
-        "checkpoint_interval_s",
-        "data_cache_max_bytes",
-        "storage_path",
-        "resume",
-        "run_name",
-        "dataset",  # the same data_version may be read from another location
-        "register_model",
-        "registered_model_name",
-        "tags",
-    }
-)
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
