@@ -95,7 +95,7 @@ def test_pull_end_to_end_in_a_fresh_interpreter_without_ray(registry, tmp_path):
     assert np.all(np.diff(saved["distances"], axis=1) >= 0)
 
 
-def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys):
+def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys, caplog):
     def pull(kind: str, k: int, *extra: str) -> tuple[dict, np.lib.npyio.NpzFile]:
         out, res = tmp_path / f"{kind}{k}{len(extra)}.json", tmp_path / f"{kind}{k}{len(extra)}.npz"
         argv = ["--model", f"{NAME}/1", "--tracking-uri", registry["tracking_uri"], "--k", str(k)]
@@ -113,6 +113,13 @@ def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys):
                  "8"), "mih": ("--mih-tables", "2", "--nflip", "8")}  # fmt: skip
     for kind in ("ivf", "hash", "mih"):
         s, res = pull(kind, 3)  # the kind's defaults: a radius search may find fewer than k
+        assert s["index"]["short_queries"] == int((res["ids"] < 0).any(axis=1).sum()), kind
+        warned = [
+            r.getMessage() for r in caplog.records if "fewer than 3 results" in r.getMessage()
+        ]
+        assert bool(warned) == (s["index"]["short_queries"] > 0), kind
+        assert kind == "ivf" or s["index"]["short_queries"] > 0  # radius searches at defaults
+        caplog.clear()
         assert s["index"]["kind"] == s["index"]["params"]["kind"] == kind
         assert s["index"]["ntotal"] == 48 and s["model"]["version"] == "1"
         assert s["index"]["recorded"]["kind"] == "auto"  # registered without a search_index
@@ -124,6 +131,7 @@ def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys):
         # the k-th distance comes back may differ, so ids and precision are not compared)
         s, res = pull(kind, 3, *probe_all[kind])
         np.testing.assert_array_equal(res["distances"], exact_res["distances"], err_msg=kind)
+        assert s["index"]["short_queries"] == 0, kind
     assert "MAP image→text" in capsys.readouterr().out
 
 

@@ -69,6 +69,11 @@ class SearchResult:
     search_seconds: float
     index: dict[str, Any]
 
+    @property
+    def short_queries(self) -> int:
+        """Queries that got fewer than k results (a radius search finds only what it probes)."""
+        return int((self.ids < 0).any(axis=1).sum())
+
 
 def default_splits(ds: DatasetVersion) -> tuple[str, str]:
     """(query split, database split) of the test protocol (the same split twice: set vs itself)."""
@@ -197,7 +202,18 @@ def search(
         len(queries.ids),
         search_s,
     )
-    return SearchResult(distances, ids, index.ntotal, build_s, search_s, index.params)
+    found = SearchResult(distances, ids, index.ntotal, build_s, search_s, index.params)
+    if found.short_queries:
+        log.warning(
+            "%s index %s: %d of %d queries got fewer than %d results (padded with -1); "
+            "probe more (--nflip, --hash-bits, --mih-tables) or use --index flat",
+            index.kind,
+            {k: v for k, v in index.params.items() if k != "kind"},
+            found.short_queries,
+            len(queries.ids),
+            k,
+        )
+    return found
 
 
 def relevant_results(queries: Side, db: Side, ids: np.ndarray) -> np.ndarray | None:

@@ -283,6 +283,7 @@ def run_pull(
         "index": {
             "kind": found.index["kind"],
             "ntotal": found.ntotal,
+            "short_queries": found.short_queries,
             "params": found.index,
             "spec": spec.to_dict(),
             "recorded": recorded.to_dict(),
