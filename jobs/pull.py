@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from jobs._cli import (
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mih-tables", type=int, default=None, help="tables of --index mih")
     p.add_argument("--nflip", type=int, default=None, help="bit flips probed by hash/mih")
     p.add_argument(
+        "--index-cache",
+        default=None,
+        help="keep built IVF indexes in this folder and reuse one when the same database codes "
+        "were indexed with the same nlist, train size and seed (skips the k-means training)",
+    )
+    p.add_argument(
         "--labels",
         choices=("label", "clean_label"),
         default="label",
@@ -112,6 +119,12 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise PullError(f"--{flag.replace('_', '-')} must be ≥ 1, got {v}")
+    if (
+        args.index_cache
+        and os.path.exists(args.index_cache)
+        and not os.path.isdir(args.index_cache)
+    ):
+        raise PullError(f"--index-cache '{args.index_cache}' exists and is not a folder")
     for flag in ("nflip", "exact_below"):
         v = getattr(args, flag)
         if v is not None and v < 0:
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             labels=args.labels,
             show=args.show,
             results=args.results,
+            index_cache=args.index_cache,
         )
     except PullError as e:
         log.error("bad input: %s", e)

@@ -205,3 +205,42 @@ def test_index_spec_round_trip_and_refusals():
     ):
         with pytest.raises(ValueError, match=match):
             IndexSpec.from_dict(bad)
+
+
+def test_ivf_cache_reuses_the_built_index_only_for_the_same_codes_and_shape(tmp_path, caplog):
+    from pipeline.retrieval.search import cached_build
+
+    db = _clustered(8, 900, 64, centers=9, flip=0.1)
+    q = _clustered(9, 30, 64, centers=9, flip=0.1)
+    spec = IndexSpec(kind="ivf", nlist=8, nprobe=2, seed=1)
+    fresh = spec.build(db).search(q, 20)  # nprobe 2 of 8 lists: results depend on the k-means
+    cache = tmp_path / "cache"
+    a, hit_a = cached_build(spec, db, str(cache))
+    b, hit_b = cached_build(spec, db, str(cache))
+    assert (hit_a, hit_b) == (False, True) and len(list(cache.glob("*.faissbin"))) == 1
+    assert not list(cache.glob("*.tmp"))
+    assert b.params == a.params == {
+        "kind": "ivf", "nlist": 8, "nprobe": 2, "train_size": 320, "seed": 1,
+    }  # fmt: skip
+    for got in (a.search(q, 20), b.search(q, 20)):
+        assert all(np.array_equal(x, y) for x, y in zip(got, fresh, strict=True))
+    # nprobe is set after reading, so it does not need another build
+    c, hit = cached_build(spec.replace(nprobe=8), db, str(cache))
+    assert hit and c.params["nprobe"] == 8
+    np.testing.assert_array_equal(c.search(q, 20)[0], _brute(q, db, 20)[0])
+    # other codes, or parameters that shape the index, are other files
+    other = db.copy()
+    other[0] = -other[0]
+    assert not cached_build(spec, other, str(cache))[1]
+    assert not cached_build(spec.replace(seed=2), db, str(cache))[1]
+    assert len(list(cache.glob("*.faissbin"))) == 3
+    # flat / hash / mih are cheap to build and never cached
+    assert cached_build(IndexSpec(kind="flat"), db, str(cache))[1] is False
+    assert len(list(cache.glob("*.faissbin"))) == 3
+    # a damaged file is rebuilt and replaced, with a warning
+    for p in cache.glob("*.faissbin"):
+        p.write_bytes(b"not an index")
+    d, _ = cached_build(spec, db, str(cache))[0].search(q, 20), None
+    assert "unreadable" in caplog.text
+    np.testing.assert_array_equal(d[1], fresh[1])
+    assert cached_build(spec, db, str(cache))[1]

@@ -135,6 +135,23 @@ def test_version_reference_and_approximate_indexes(registry, tmp_path, capsys, c
     assert "MAP image→text" in capsys.readouterr().out
 
 
+def test_index_cache_gives_the_same_results_without_a_second_build(registry, tmp_path):
+    cache = tmp_path / "ivf-cache"
+    runs = []
+    for i in range(2):
+        out, res = tmp_path / f"s{i}.json", tmp_path / f"r{i}.npz"
+        argv = _args(registry, "--index", "ivf", "--nlist", "4", "--nprobe", "1", "--k", "5")
+        argv += ["--index-cache", str(cache), "--show", "0", "--summary-json", str(out)]
+        assert main([*argv, "--results", str(res)]) == 0
+        runs.append((json.loads(out.read_text()), np.load(res)))
+    (first, r0), (second, r1) = runs
+    assert (first["index"]["cached"], second["index"]["cached"]) == (False, True)
+    assert first["index"]["params"] == second["index"]["params"]
+    for key in ("ids", "distances"):
+        np.testing.assert_array_equal(r0[key], r1[key])
+    assert len(list(cache.glob("*.faissbin"))) == 1
+
+
 def test_text_queries_from_a_file_have_no_map(registry, tmp_path, capsys):
     q = tmp_path / "q.npy"
     np.save(q, np.random.default_rng(0).normal(size=(4, 16)).astype(np.float64))
@@ -160,6 +177,11 @@ def test_bad_input_gives_one_line_and_exit_code_2(registry, tmp_path, caplog):
     assert "is not NAME@ALIAS" in msg
     msg = _bad_input(caplog, ["--model", f"{NAME}/7", "--tracking-uri", registry["tracking_uri"]])
     assert "not found" in msg
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("x")
+    msg = _bad_input(caplog, _args(registry, "--index-cache", str(not_a_folder)))
+    assert f"--index-cache '{not_a_folder}' exists and is not a folder" in msg
+    assert not_a_folder.read_text() == "x"
 
 
 def test_dataset_with_other_feature_dims_is_refused(registry, tmp_path, caplog):

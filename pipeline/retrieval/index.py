@@ -251,6 +251,29 @@ class HammingIndex:
             out.update(tables=int(ix.nhash), nflip=int(ix.nflip))
         return out
 
+    def save(self, path: str) -> None:
+        """Write a built faiss index to ``path`` (faiss's own binary format, not a pickle)."""
+        if self._index is None:
+            raise ValueError(f"a {self.kind!r} index without faiss has nothing to save")
+        _faiss().write_index_binary(self._index, str(path))
+
+    @classmethod
+    def load(
+        cls, path: str, *, kind: str, bits: int, seed: int = 0, train_used: int = 0
+    ) -> HammingIndex:
+        """An index read back from :meth:`save`'s file, with the parameters it was built with."""
+        f = _faiss()
+        if f is None:
+            raise RuntimeError("reading a saved index needs faiss (pip install faiss-cpu)")
+        out = cls(kind=kind, bits=bits, seed=seed)  # type: ignore[arg-type]
+        index = f.read_index_binary(str(path))
+        if int(index.d) != 8 * ((bits + 7) // 8):
+            raise ValueError(f"{path}: index of {index.d}-bit codes, expected {bits} bits")
+        if kind == "ivf" and not isinstance(index, f.IndexBinaryIVF):
+            raise ValueError(f"{path}: not an IVF index")
+        out._index, out._train_used = index, int(train_used)
+        return out
+
     def set_nprobe(self, nprobe: int) -> None:
         """Cells an IVF index searches per query from now on (at most nlist)."""
         if self.kind != "ivf" or self._index is None:

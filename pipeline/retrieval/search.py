@@ -8,7 +8,10 @@ database by default comes from :func:`pipeline.retrieval.protocol.eval_splits`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ import numpy as np
 
 from feature_store import schema as S
 from feature_store.store import DatasetVersion
-from pipeline.retrieval.index import IndexSpec
+from pipeline.retrieval.index import HammingIndex, IndexSpec, default_nprobe
 from pipeline.retrieval.protocol import eval_splits
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class SearchResult:
     build_seconds: float
     search_seconds: float
     index: dict[str, Any]
+    cached: bool = False  # the index was read from the index cache, not built
 
     @property
     def short_queries(self) -> int:
@@ -167,15 +171,63 @@ def encode_features(model: CodeModel, x: np.ndarray, source: str, modality: str)
     )
 
 
+def cached_build(
+    spec: IndexSpec, codes: np.ndarray, cache_dir: str | None
+) -> tuple[HammingIndex, bool]:
+    """``spec``'s index over the ±1 ``codes``, and whether it came from ``cache_dir``.
+
+    Only IVF indexes are cached (their k-means training is what makes a build slow). The file name
+    is a hash of the codes, their count and the parameters that shape the built index (nlist,
+    train_size, seed; not nprobe, set after reading), so other codes or parameters never match.
+    An unreadable file is rebuilt and replaced; files are written under a temporary name first.
+    """
+    kind = spec.resolved_kind(len(codes))
+    if not cache_dir or kind != "ivf":
+        return spec.build(codes), False
+    bits = int(codes.shape[1])
+    shape = {"format": 1, "bits": bits, "n": len(codes), "nlist": spec.nlist}
+    shape.update(train_size=spec.train_size, seed=spec.seed)
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    h.update(np.packbits(np.asarray(codes) > 0, axis=1).tobytes())
+    path = Path(cache_dir) / f"ivf-{h.hexdigest()[:32]}.faissbin"
+    meta = path.with_suffix(".json")
+    if path.exists() and meta.exists():
+        try:
+            m = json.loads(meta.read_text())
+            index = HammingIndex.load(
+                str(path), kind="ivf", bits=bits, seed=m["seed"], train_used=m["train_size"]
+            )
+            if index.ntotal != len(codes):
+                raise ValueError(f"{index.ntotal} codes, expected {len(codes)}")
+            index.set_nprobe(spec.nprobe or default_nprobe(m["nlist"]))
+            return index, True
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            log.warning("index cache %s is unreadable (%s); building the index again", path, e)
+    index = spec.build(codes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        index.save(str(tmp))
+        os.replace(tmp, path)
+        tmp = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**shape, **index.params}, sort_keys=True))
+        os.replace(tmp, meta)
+    except (OSError, RuntimeError) as e:
+        log.warning("index cache %s: could not keep the index (%s)", cache_dir, e)
+    return index, False
+
+
 def search(
     queries: Side,
     db: Side,
     k: int,
     *,
     spec: IndexSpec | None = None,
+    index_cache: str | None = None,
 ) -> SearchResult:
     """Top-``k`` database items of every query through the :class:`HammingIndex` of ``spec``
-    (default: :class:`IndexSpec`, the exact scan below its ``exact_below`` codes, IVF above)."""
+    (default: :class:`IndexSpec`, the exact scan below its ``exact_below`` codes, IVF above);
+    an IVF index is kept in and read from ``index_cache`` when given (:func:`cached_build`)."""
     from pipeline.retrieval import metrics as E
 
     if len(queries.ids) == 0:
@@ -188,21 +240,22 @@ def search(
 
     E._faiss()  # load faiss outside the build timing
     t0 = time.perf_counter()
-    index = (spec or IndexSpec()).build(db.codes)
+    index, cached = cached_build(spec or IndexSpec(), db.codes, index_cache)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     distances, ids = index.search(queries.codes, k)
     search_s = time.perf_counter() - t0
     log.info(
-        "%s index over %d codes: built in %.3fs; top-%d of %d queries in %.3fs",
+        "%s index over %d codes: %s in %.3fs; top-%d of %d queries in %.3fs",
         index.kind,
         index.ntotal,
+        "read from the index cache" if cached else "built",
         build_s,
         k,
         len(queries.ids),
         search_s,
     )
-    found = SearchResult(distances, ids, index.ntotal, build_s, search_s, index.params)
+    found = SearchResult(distances, ids, index.ntotal, build_s, search_s, index.params, cached)
     if found.short_queries:
         log.warning(
             "%s index %s: %d of %d queries got fewer than %d results (padded with -1); "

@@ -205,6 +205,7 @@ def run_pull(
     labels: str = S.LABEL,
     show: int = 5,
     results: str | None = None,
+    index_cache: str | None = None,
 ) -> dict[str, Any]:
     """Load model ``ref``, encode a database and queries, search top-``k``; returns the summary.
 
@@ -213,7 +214,8 @@ def run_pull(
     test protocol's. MAP and precision are computed when the queries have labels. The index is
     the one recorded with the model (:attr:`PulledModel.index_spec`) with any of ``index``,
     ``hash_bits``, ``mih_tables``, ``nflip``, ``nlist``, ``nprobe``, ``exact_below`` that is
-    given replacing its value.
+    given replacing its value. With ``index_cache`` an IVF index is read from that folder when
+    the same database codes were indexed there with the same parameters, else built and kept.
     """
     from pipeline.tracking.runs import resolve_tracking_uri
 
@@ -258,7 +260,7 @@ def run_pull(
         q = encode_features(model, query_x, str(queries), q_mod)
     else:
         q = encode_split(model, ds, query_split, q_mod, label_column=labels, limit=max_queries)
-    found = search(q, db, k, spec=spec)
+    found = search(q, db, k, spec=spec, index_cache=index_cache)
     shown = shown_results(q, db, found, show)
     if results:
         save_results(results, q, db, found)
@@ -284,6 +286,7 @@ def run_pull(
             "kind": found.index["kind"],
             "ntotal": found.ntotal,
             "short_queries": found.short_queries,
+            "cached": found.cached,
             "params": found.index,
             "spec": spec.to_dict(),
             "recorded": recorded.to_dict(),
